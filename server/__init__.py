@@ -1,0 +1,1 @@
+"""Server side: the Flower ServerApp, the round loop and the DeviceGrid."""

@@ -1,0 +1,140 @@
+"""DeviceGrid: Flower's Grid with known clients, a stable node order, and deadlines.
+
+Flower gives nodes random ids, so "the same seed samples the same clients" needs a
+map from node to client. At start the grid asks every node (a ``query`` message)
+which client it is (its ``partition-id``), and from then on lists node ids in client
+order. Strategies sample from that list as from any Flower grid.
+
+:meth:`DeviceGrid.collect` replaces ``send_and_receive`` in the round loop: it
+reports each reply as it arrives and stops at the deadline, so a node that vanishes
+is a timeout, not a crash.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+INFO_KEY = "info"
+POLL_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node told the server about itself."""
+
+    node_id: int
+    client_index: int
+
+
+class DeviceGrid(Grid):
+    """A :class:`flwr.serverapp.Grid` wrapper whose nodes are known clients."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.nodes: dict[int, NodeInfo] = {}
+
+    # -- Grid interface, delegated --------------------------------------------
+    def set_run(self, run_id: int) -> None:  # type: ignore[override]
+        self._grid.set_run(run_id)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return self._grid.run
+
+    def create_message(  # type: ignore[override]
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Known nodes, ordered by client index (a stable order across runs)."""
+        return [n.node_id for n in sorted(self.nodes.values(), key=lambda n: n.client_index)]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    # -- fedtune additions -------------------------------------------------------
+    def client_index(self, node_id: int) -> int:
+        return self.nodes[node_id].client_index
+
+    def discover(self, expected: int, population: int, timeout: float) -> dict[int, NodeInfo]:
+        """Wait for ``expected`` nodes, ask each which client it is, keep the valid ones.
+
+        A node whose client index is outside ``[0, population)`` or duplicates another
+        node's is left out with a logged reason.
+        """
+        deadline = time.monotonic() + timeout
+        while len(ids := list(self._grid.get_node_ids())) < expected:
+            if time.monotonic() > deadline:
+                log(WARNING, "Only %d of %d nodes connected; going on with them", len(ids), expected)
+                break
+            time.sleep(0.2)
+        messages = [
+            Message(RecordDict({INFO_KEY: ConfigRecord({})}), dst_node_id=nid,
+                    message_type=MessageType.QUERY)
+            for nid in sorted(ids)
+        ]
+        replies = self.collect(messages, max(deadline - time.monotonic(), 5.0))
+        found: dict[int, NodeInfo] = {}
+        taken: set[int] = set()
+        for reply in replies:
+            if reply is None:
+                continue
+            node = reply.metadata.src_node_id
+            if reply.has_error() or INFO_KEY not in reply.content.config_records:
+                log(WARNING, "Node %d did not describe itself; left out", node)
+                continue
+            index = reply.content.config_records[INFO_KEY].get("client-index")
+            if not isinstance(index, int) or not 0 <= index < population or index in taken:
+                log(WARNING, "Node %d claims client %r (population %d); left out", node, index,
+                    population)
+                continue
+            taken.add(index)
+            found[node] = NodeInfo(node, index)
+        self.nodes = found
+        log(INFO, "Discovered %d client nodes", len(found))
+        return found
+
+    def collect(
+        self,
+        messages: list[Message],
+        timeout: float,
+        on_reply: Callable[[Message], None] | None = None,
+    ) -> list[Message | None]:
+        """Send ``messages``; return replies that arrive within ``timeout`` seconds.
+
+        The result is aligned with ``messages``: the reply to each, or None when none
+        came by the deadline. Replies to anything else, and duplicates, are ignored.
+        """
+        ids = list(self._grid.push_messages(messages))
+        pending = set(ids)
+        replies: dict[str, Message] = {}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            for reply in self._grid.pull_messages(list(pending)):
+                key = reply.metadata.reply_to_message_id
+                if key not in pending:
+                    continue
+                pending.discard(key)
+                replies[key] = reply
+                if on_reply is not None:
+                    on_reply(reply)
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return [replies.get(k) for k in ids]

@@ -1,0 +1,221 @@
+"""The round loop, top to bottom: sample, send, validate, aggregate, evaluate, record.
+
+Flower's ``Strategy.start`` runs a loop of its own, but it cannot validate replies
+before aggregation (one inconsistent reply ends a run), has no deadline policy and
+always starts at round 1. fedtune keeps Flower's strategy API — ``configure_train``
+and ``aggregate_train`` of any :class:`~flwr.serverapp.strategy.Strategy` — and owns
+the loop around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedtune.config import Scenario, client_spec
+from fedtune.data import build_population, eval_chunks
+from fedtune.evaluation import perplexity
+from fedtune.metrics import EventLog, atomic_write_json, atomic_write_text, peak_rss_mb
+from fedtune.models import adapter_state, attach_lora, load_adapter_state, load_base_model
+from fedtune.models import load_tokenizer, save_adapter
+from fedtune.report import plot_perplexity
+from fedtune.strategies import build_strategy
+from fedtune.wire import check_update, expected_specs, from_record, metric, recorddict_nbytes
+from fedtune.wire import to_record
+from fedtune.server.grid import DeviceGrid
+
+MAX_UPDATE_FACTOR = 4
+"""An update may be at most this many times the size of the adapter sent."""
+DISCOVERY_TIMEOUT_S = 120.0
+
+
+class Observer:
+    """Hooks for progress displays; every method is optional."""
+
+    def run_started(self, scenario: Scenario, initial_perplexity: float) -> None: ...
+
+    def round_started(self, rnd: int, sampled: int) -> None: ...
+
+    def client_done(self, rnd: int, event: dict[str, Any]) -> None: ...
+
+    def round_ended(self, event: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class RoundTally:
+    """What one round's replies came to."""
+
+    accepted: list[tuple[int, Message]] = field(default_factory=list)
+    rejected: int = 0
+    dropped: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def seeded_global_random(seed: int, rnd: int) -> Iterator[None]:
+    """Seed Python's ``random`` for one ``configure_train`` call, then restore it.
+
+    Flower's strategies sample nodes with the global ``random`` module; seeding it
+    here (and listing nodes in client order, see DeviceGrid) makes sampling a
+    function of (seed, round) for every Flower strategy, built-in or plug-in.
+    """
+    saved = random.getstate()
+    random.seed(int(np.random.SeedSequence([seed, rnd, 0x5A]).generate_state(1)[0]))
+    try:
+        yield
+    finally:
+        random.setstate(saved)
+
+
+def run_federation(
+    grid: Grid, scenario: Scenario, run_dir: Path, observer: Observer | None = None,
+    expected_nodes: int | None = None,
+) -> dict[str, Any]:
+    """Run every round of ``scenario`` on ``grid``; write the run folder; return the summary."""
+    observer = observer or Observer()
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "scenario.toml", scenario.to_toml())
+
+    # Server-side state: the global adapter, the model that evaluates it, the strategy.
+    population = build_population(scenario.data)
+    tokenizer = load_tokenizer(scenario.model.name)
+    held_out = eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
+    base = load_base_model(scenario.model.name, scenario.model.compute_dtype, scenario.model.num_layers)
+    model = attach_lora(base, scenario.lora, seed=scenario.run.seed)
+    state = adapter_state(model)
+    specs = expected_specs(state)
+    max_bytes = MAX_UPDATE_FACTOR * sum(v.numel() * 4 for v in state.values())
+    strategy = build_strategy(
+        scenario.strategy.name, dict(scenario.strategy.params),
+        population=len(population.train), clients_per_round=scenario.round.clients_per_round,
+    )
+    device_grid = DeviceGrid(grid)
+    device_grid.discover(
+        expected=expected_nodes or len(population.train),
+        population=len(population.train),
+        timeout=DISCOVERY_TIMEOUT_S,
+    )
+
+    events = EventLog(run_dir / "metrics.jsonl")
+    initial = perplexity(model, held_out, scenario.run.eval_batch_size)
+    events.write("round", round=0, perplexity=initial, participants=0, wall_seconds=0.0)
+    observer.run_started(scenario, initial)
+    log(INFO, "Held-out perplexity before round 1: %.3f", initial)
+
+    totals = {"bytes_up": 0, "bytes_down": 0, "rejected": 0, "dropped": 0}
+    current, completed = initial, 0
+    for rnd in range(1, scenario.run.rounds + 1):
+        round_started = time.perf_counter()
+        config = ConfigRecord({**client_spec(scenario), "round": rnd})
+        with seeded_global_random(scenario.run.seed, rnd):
+            messages = list(strategy.configure_train(rnd, to_record(state), config, device_grid))
+        observer.round_started(rnd, len(messages))
+
+        tally = RoundTally()
+        down = {id(m.content): recorddict_nbytes(m.content) for m in messages}
+        replies = device_grid.collect(messages, scenario.round.deadline_s)
+        for sent, reply in zip(messages, replies, strict=True):
+            node = sent.metadata.dst_node_id
+            event = {
+                "round": rnd,
+                "node": node,
+                "client": device_grid.client_index(node),
+                "engine": scenario.client.engine,
+                "bytes_down": down[id(sent.content)],
+            }
+            tally.bytes_down += event["bytes_down"]
+            if reply is None:
+                event.update(status="dropped", reason=f"no reply within {scenario.round.deadline_s} s",
+                             bytes_up=0)
+                tally.dropped += 1
+            else:
+                event["bytes_up"] = recorddict_nbytes(reply.content) if not reply.has_error() else 0
+                tally.bytes_up += event["bytes_up"]
+                for key, name in (("loss", "loss"), ("num-examples", "num_examples"),
+                                  ("compute-seconds", "compute_seconds"),
+                                  ("peak-rss-mb", "peak_rss_mb")):
+                    event[name] = metric(reply, key)
+                update, reason = check_update(reply, specs, max_bytes)
+                if update is None:
+                    event.update(status="rejected", reason=reason)
+                    tally.rejected += 1
+                else:
+                    event["status"] = "ok"
+                    tally.accepted.append((device_grid.client_index(node), reply))
+                    tally.losses.append(float(event["loss"]))
+            events.write("client_update", **event)
+            observer.client_done(rnd, event)
+
+        # Aggregate in client order: float sums do not depend on arrival order.
+        accepted = [m for _, m in sorted(tally.accepted, key=lambda pair: pair[0])]
+        status = "ok"
+        if len(accepted) < scenario.round.min_reports:
+            status = "abandoned"
+            log(INFO, "Round %d abandoned: %d valid updates < round.min_reports = %d",
+                rnd, len(accepted), scenario.round.min_reports)
+        else:
+            arrays, _ = strategy.aggregate_train(rnd, accepted)
+            if arrays is None:
+                status = "abandoned"
+            else:
+                state = from_record(arrays)
+                load_adapter_state(model, state)
+                current = perplexity(model, held_out, scenario.run.eval_batch_size)
+                completed = rnd
+
+        for key in totals:
+            totals[key] += getattr(tally, key)
+        round_event = events.write(
+            "round",
+            round=rnd,
+            status=status,
+            perplexity=current,
+            participants=len(accepted),
+            sampled=len(messages),
+            rejected=tally.rejected,
+            dropped=tally.dropped,
+            train_loss=(sum(tally.losses) / len(tally.losses)) if tally.losses else None,
+            bytes_up=tally.bytes_up,
+            bytes_down=tally.bytes_down,
+            wall_seconds=time.perf_counter() - round_started,
+            server_peak_rss_mb=peak_rss_mb(),
+        )
+        observer.round_ended(round_event)
+        log(INFO, "Round %d: perplexity %.3f (%d updates)", rnd, current, len(accepted))
+
+    events.close()
+    save_adapter(model, state, run_dir / "adapter")
+    plot_perplexity(run_dir)
+    summary = {
+        "scenario": scenario.name,
+        "scenario_digest": scenario.digest(),
+        "rounds_completed": completed,
+        "rounds": scenario.run.rounds,
+        "initial_perplexity": initial,
+        "final_perplexity": current,
+        "bytes_up": totals["bytes_up"],
+        "bytes_down": totals["bytes_down"],
+        "clients_rejected": totals["rejected"],
+        "clients_dropped": totals["dropped"],
+        "population": len(population.train),
+        "wall_seconds": time.perf_counter() - started,
+        "server_peak_rss_mb": peak_rss_mb(),
+    }
+    # Written last: its presence means the run finished.
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary

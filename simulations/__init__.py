@@ -1,0 +1,1 @@
+"""Shipped scenarios (``*.toml``) and the simulation runner (``fedtune simulate``)."""

@@ -59,13 +59,13 @@ def main() -> None:
     rounds = [r for r in read_events(run_dir / "metrics.jsonl", "round") if r["round"] > 0]
     updates = list(read_events(run_dir / "metrics.jsonl", "client_update"))
     ok = [u for u in updates if u["status"] == "ok"]
+    per_round = ", ".join(f"{r['wall_seconds']:.1f}" for r in rounds)
     rows = [
         ("`fedtune simulate` wall time (whole command)", f"{fed_wall:.1f} s"),
         ("bare torch loop wall time (same work, one process)", f"{bare_wall:.1f} s"),
         ("**overhead ratio** fedtune ÷ bare", f"**{fed_wall / bare_wall:.2f}×**"),
         ("wall time per round (mean of rounds)",
-         f"{statistics.mean(r['wall_seconds'] for r in rounds):.1f} s "
-         f"({', '.join(f'{r['wall_seconds']:.1f}' for r in rounds)})"),
+         f"{statistics.mean(r['wall_seconds'] for r in rounds):.1f} s ({per_round})"),
         ("per-client training time, fedtune (mean)",
          f"{statistics.mean(u['compute_seconds'] for u in ok):.2f} s"),
         ("per-client training time, bare loop (mean)", f"{bare['client_train_seconds_mean']:.2f} s"),

@@ -11,13 +11,24 @@ from fedtune.errors import FedtuneError
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedtune.config import load_scenario
-    from fedtune.simulations.runner import simulate
-
-    scenario = load_scenario(args.scenario, args.set)
     from fedtune.server.app import default_run_dir
+    from fedtune.simulations.runner import resume_point, simulate
 
-    run_dir = Path(args.out) if args.out else default_run_dir(scenario)
-    summary = simulate(scenario, run_dir, progress=not args.no_progress, verbose=args.verbose)
+    if args.resume:
+        if args.out:
+            raise FedtuneError("--resume continues in its own folder: drop --out")
+        run_dir = Path(args.resume)
+        requested = None
+        if args.scenario or args.set:
+            base = args.scenario or run_dir / "scenario.toml"
+            requested = load_scenario(base, args.set)
+        scenario, checkpoint = resume_point(run_dir, requested, args.allow_config_change)
+        print(f"resuming {run_dir} after round {checkpoint.round}")
+    else:
+        scenario, checkpoint = load_scenario(args.scenario, args.set), None
+        run_dir = Path(args.out) if args.out else default_run_dir(scenario)
+    summary = simulate(scenario, run_dir, progress=not args.no_progress, verbose=args.verbose,
+                       resume=checkpoint)
     print(
         f"held-out perplexity: {summary['initial_perplexity']:.3f} before round 1 -> "
         f"{summary['final_perplexity']:.3f} after round {summary['rounds_completed']}"
@@ -62,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one scenario key (repeatable)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<time>-<scenario>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last good checkpoint")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="with --resume: accept a scenario that differs from the checkpoint's")
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(func=cmd_simulate)

@@ -37,9 +37,12 @@ class RunConfig:
     """Number of federated rounds."""
     eval_batch_size: int = 8
     """Batch size of the server's held-out perplexity evaluation."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in the run folder (one is written after every round)."""
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "run.rounds", "must be at least 1")
+        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
         _check(self.eval_batch_size >= 1, "run.eval_batch_size", "must be at least 1")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedtune.checkpoint import Checkpoint
 from fedtune.config import Scenario, load_scenario
 from fedtune.server.loop import Observer, run_federation
 
@@ -27,6 +28,7 @@ def make_server_app(
     run_dir: Path | None = None,
     observer: Observer | None = None,
     expected_nodes: int | None = None,
+    resume: Checkpoint | None = None,
 ) -> ServerApp:
     """A ServerApp running ``scenario`` (or the one named in the run config)."""
     app = ServerApp()
@@ -43,7 +45,8 @@ def make_server_app(
             out = Path(str(cfg["out"])) if cfg.get("out") else None
             nodes = int(cfg.get("nodes", 0)) or None
         run_federation(
-            grid, resolved, out or default_run_dir(resolved), observer, expected_nodes=nodes
+            grid, resolved, out or default_run_dir(resolved), observer, expected_nodes=nodes,
+            resume=resume,
         )
 
     return app

@@ -23,10 +23,13 @@ from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from fedtune.checkpoint import Checkpoint, restore_strategy_state, save_checkpoint
+from fedtune.checkpoint import strategy_state
 from fedtune.config import Scenario, client_spec
 from fedtune.data import build_population, eval_chunks
 from fedtune.evaluation import perplexity
 from fedtune.metrics import EventLog, atomic_write_json, atomic_write_text, peak_rss_mb
+from fedtune.metrics import read_events
 from fedtune.models import adapter_state, attach_lora, load_adapter_state, load_base_model
 from fedtune.models import load_tokenizer, save_adapter
 from fedtune.report import plot_perplexity
@@ -80,16 +83,35 @@ def seeded_global_random(seed: int, rnd: int) -> Iterator[None]:
         random.setstate(saved)
 
 
+def aggregate_in_client_order(
+    strategy: Any, rnd: int, accepted: list[tuple[int, Message]]
+) -> Any:
+    """``strategy.aggregate_train`` over replies sorted by client index.
+
+    Floating-point sums depend on their order; sorting makes the aggregate independent
+    of the order in which replies arrived.
+    """
+    ordered = [message for _, message in sorted(accepted, key=lambda pair: pair[0])]
+    arrays, _ = strategy.aggregate_train(rnd, ordered)
+    return arrays
+
+
 def run_federation(
     grid: Grid, scenario: Scenario, run_dir: Path, observer: Observer | None = None,
-    expected_nodes: int | None = None,
+    expected_nodes: int | None = None, resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
-    """Run every round of ``scenario`` on ``grid``; write the run folder; return the summary."""
+    """Run every round of ``scenario`` on ``grid``; write the run folder; return the summary.
+
+    With ``resume``, start after the checkpoint's round from its state; events of later
+    rounds (written before the crash, after the checkpoint) are dropped first.
+    """
     observer = observer or Observer()
     started = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "scenario.toml", scenario.to_toml())
+    if resume is not None:
+        _truncate_events(run_dir / "metrics.jsonl", resume.round)
 
     # Server-side state: the global adapter, the model that evaluates it, the strategy.
     population = build_population(scenario.data)
@@ -112,14 +134,39 @@ def run_federation(
     )
 
     events = EventLog(run_dir / "metrics.jsonl")
-    initial = perplexity(model, held_out, scenario.run.eval_batch_size)
-    events.write("round", round=0, perplexity=initial, participants=0, wall_seconds=0.0)
+    totals = {"bytes_up": 0, "bytes_down": 0, "rejected": 0, "dropped": 0}
+    if resume is None:
+        initial = perplexity(model, held_out, scenario.run.eval_batch_size)
+        events.write("round", round=0, perplexity=initial, participants=0, wall_seconds=0.0)
+        current, completed, first_round = initial, 0, 1
+    else:
+        state = {k: v.clone() for k, v in resume.adapter.items()}
+        load_adapter_state(model, state)
+        restore_strategy_state(strategy, resume.strategy)
+        history = resume.history
+        initial, current = history["initial_perplexity"], history["current_perplexity"]
+        completed, first_round = history["rounds_completed"], resume.round + 1
+        totals.update({k: history[k] for k in totals})
+        started -= history.get("wall_seconds", 0.0)  # wall time counts the earlier session(s)
+        log(INFO, "Resuming after round %d (perplexity %.3f)", resume.round, current)
+
+    def checkpoint(rnd: int) -> None:
+        history = {"initial_perplexity": initial, "current_perplexity": current,
+                   "rounds_completed": completed, **totals,
+                   "wall_seconds": time.perf_counter() - started}
+        save_checkpoint(
+            run_dir / "checkpoints",
+            Checkpoint(rnd, scenario.name, scenario.to_toml(), scenario.digest(), state,
+                       strategy_state(strategy), history),
+            keep=scenario.run.keep_checkpoints,
+        )
+
+    if resume is None:
+        checkpoint(0)
     observer.run_started(scenario, initial)
     log(INFO, "Held-out perplexity before round 1: %.3f", initial)
 
-    totals = {"bytes_up": 0, "bytes_down": 0, "rejected": 0, "dropped": 0}
-    current, completed = initial, 0
-    for rnd in range(1, scenario.run.rounds + 1):
+    for rnd in range(first_round, scenario.run.rounds + 1):
         round_started = time.perf_counter()
         config = ConfigRecord({**client_spec(scenario), "round": rnd})
         with seeded_global_random(scenario.run.seed, rnd):
@@ -161,15 +208,14 @@ def run_federation(
             events.write("client_update", **event)
             observer.client_done(rnd, event)
 
-        # Aggregate in client order: float sums do not depend on arrival order.
-        accepted = [m for _, m in sorted(tally.accepted, key=lambda pair: pair[0])]
         status = "ok"
+        accepted = tally.accepted
         if len(accepted) < scenario.round.min_reports:
             status = "abandoned"
             log(INFO, "Round %d abandoned: %d valid updates < round.min_reports = %d",
                 rnd, len(accepted), scenario.round.min_reports)
         else:
-            arrays, _ = strategy.aggregate_train(rnd, accepted)
+            arrays = aggregate_in_client_order(strategy, rnd, accepted)
             if arrays is None:
                 status = "abandoned"
             else:
@@ -195,6 +241,7 @@ def run_federation(
             wall_seconds=time.perf_counter() - round_started,
             server_peak_rss_mb=peak_rss_mb(),
         )
+        checkpoint(rnd)
         observer.round_ended(round_event)
         log(INFO, "Round %d: perplexity %.3f (%d updates)", rnd, current, len(accepted))
 
@@ -219,3 +266,13 @@ def run_federation(
     # Written last: its presence means the run finished.
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _truncate_events(path: Path, last_round: int) -> None:
+    """Keep only events of rounds up to ``last_round`` (rewritten atomically)."""
+    if not path.exists():
+        return
+    import json
+
+    kept = [e for e in read_events(path) if e.get("round", 0) <= last_round]
+    atomic_write_text(path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import tomllib
 import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.config import Scenario
 from fedtune.errors import FedtuneError
+
+if TYPE_CHECKING:
+    from fedtune.checkpoint import Checkpoint
 
 
 def preflight(scenario: Scenario) -> int:
@@ -56,14 +61,60 @@ def prepare_run_dir(run_dir: Path) -> Path:
     return run_dir
 
 
+def resume_point(
+    run_dir: Path, requested: Scenario | None, allow_config_change: bool = False
+) -> tuple[Scenario, Checkpoint]:
+    """The scenario and checkpoint to resume ``run_dir`` from.
+
+    ``requested`` (a scenario given on the command line) must equal the checkpoint's,
+    or the differing keys are named and resuming is refused, unless
+    ``allow_config_change``.
+    """
+    from fedtune.checkpoint import load_latest_checkpoint
+    from fedtune.config import scenario_from_dict
+
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        raise FedtuneError(f"{run_dir} holds a finished run (summary.json): nothing to resume")
+    checkpoint = load_latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise FedtuneError(f"{run_dir} has no valid checkpoint to resume from: start a new run")
+    saved = scenario_from_dict(tomllib.loads(checkpoint.scenario_toml),
+                               source=f"{run_dir} checkpoint", name=checkpoint.scenario_name)
+    if requested is None:
+        return saved, checkpoint
+    differing = config_differences(saved, requested)
+    if differing and not allow_config_change:
+        raise FedtuneError(
+            f"the scenario differs from the checkpoint's in {', '.join(differing)}: resume "
+            "without a scenario, or pass --allow-config-change"
+        )
+    return replace(requested, name=saved.name), checkpoint
+
+
+def config_differences(a: Scenario, b: Scenario) -> list[str]:
+    """Dotted keys whose values differ between two scenarios."""
+    from fedtune.config import SECTIONS, section_values
+
+    keys = []
+    for section in SECTIONS:
+        va, vb = section_values(a, section), section_values(b, section)
+        keys += [f"{section}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+    return keys
+
+
 def simulate(
-    scenario: Scenario, run_dir: Path, progress: bool = True, verbose: bool = False
+    scenario: Scenario, run_dir: Path, progress: bool = True, verbose: bool = False,
+    resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
-    """Run ``scenario`` on Flower's simulation engine (Ray); return the summary."""
+    """Run ``scenario`` on Flower's simulation engine (Ray); return the summary.
+
+    With ``resume`` (see :func:`resume_point`), continue the run in ``run_dir``.
+    """
     import json
 
     population = preflight(scenario)
-    run_dir = prepare_run_dir(run_dir)
+    run_dir = prepare_run_dir(run_dir) if resume is None else Path(run_dir)
     num_nodes = scenario.simulation.num_supernodes or population
 
     from flwr.simulation import run_simulation
@@ -85,7 +136,8 @@ def simulate(
         logging.getLogger("flwr").setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     observer = RichProgress(scenario) if progress else None
-    server_app = make_server_app(scenario, run_dir, observer, expected_nodes=num_nodes)
+    server_app = make_server_app(scenario, run_dir, observer, expected_nodes=num_nodes,
+                                 resume=resume)
     try:
         run_simulation(
             server_app=server_app,

@@ -1,0 +1,162 @@
+"""One checkpoint object holding all server state, written atomically with a checksum.
+
+A checkpoint is written after every round (and after the evaluation before round 1):
+the global adapter, the strategy's state (server-optimizer moments and the like), the
+round, the resolved scenario and its digest, and the run's running totals. Every
+random choice in a run derives from ``(run.seed, round, client)``, so the seed in the
+scenario is the whole RNG state; nothing else needs saving.
+
+File format: ``FTCKPT1\\n`` + the payload's SHA-256 (hex) + ``\\n`` + the payload, a
+``torch.save`` of plain types and tensors, read back with ``weights_only=True``. It is
+written to a temp file, fsynced and renamed; the folder is fsynced too. A truncated
+or bit-flipped file fails its checksum and the previous checkpoint is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtune.metrics import atomic_write_bytes
+
+MAGIC = b"FTCKPT1\n"
+logger = logging.getLogger("fedtune")
+
+
+@dataclass
+class Checkpoint:
+    """All server state after ``round`` (0: before the first round)."""
+
+    round: int
+    scenario_name: str
+    scenario_toml: str
+    scenario_digest: str
+    adapter: dict[str, torch.Tensor]
+    strategy: dict[str, Any] = field(default_factory=dict)
+    history: dict[str, Any] = field(default_factory=dict)
+    """Running totals and perplexities (``initial_perplexity``, ``bytes_up``, ...)."""
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "round": self.round,
+                "scenario_name": self.scenario_name,
+                "scenario_toml": self.scenario_toml,
+                "scenario_digest": self.scenario_digest,
+                "adapter": self.adapter,
+                "strategy": self.strategy,
+                "history": self.history,
+            },
+            buffer,
+        )
+        payload = buffer.getvalue()
+        return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Checkpoint:
+        """Parse a checkpoint; :class:`CorruptCheckpoint` if it fails any check."""
+        header = len(MAGIC) + 65
+        if len(data) < header or not data.startswith(MAGIC):
+            raise CorruptCheckpoint("not a fedtune checkpoint (bad header or truncated)")
+        digest, payload = data[len(MAGIC) : header - 1].decode(errors="replace"), data[header:]
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise CorruptCheckpoint("checksum mismatch (truncated or corrupted)")
+        try:
+            obj = torch.load(io.BytesIO(payload), weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable payload is corrupt
+            raise CorruptCheckpoint(f"unreadable payload: {exc}") from exc
+        return cls(**obj)
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that fails its checks."""
+
+
+def checkpoint_path(folder: Path, rnd: int) -> Path:
+    return Path(folder) / f"round-{rnd:05d}.ckpt"
+
+
+def save_checkpoint(folder: Path, checkpoint: Checkpoint, keep: int) -> Path:
+    """Write ``checkpoint`` atomically, then delete all but the newest ``keep``."""
+    folder = Path(folder)
+    path = checkpoint_path(folder, checkpoint.round)
+    atomic_write_bytes(path, checkpoint.to_bytes())
+    _fsync_dir(folder)
+    for old in sorted(folder.glob("round-*.ckpt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest_checkpoint(folder: Path) -> Checkpoint | None:
+    """The newest checkpoint that passes its checks; corrupt ones are logged and skipped."""
+    for path in sorted(Path(folder).glob("round-*.ckpt"), reverse=True):
+        try:
+            return Checkpoint.from_bytes(path.read_bytes())
+        except CorruptCheckpoint as exc:
+            logger.warning("checkpoint %s is corrupt (%s); trying the previous one", path, exc)
+    return None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------ strategy state
+
+_STATE_TYPES = (np.ndarray, torch.Tensor)
+
+
+def strategy_state(strategy: Any) -> dict[str, Any]:
+    """The strategy's mutable state, as plain types and tensors.
+
+    A strategy with ``state_dict()`` gives its own. Otherwise the instance attributes
+    holding arrays are taken — which covers Flower's server optimizers (FedAdam,
+    FedYogi, FedAdagrad keep ``current_arrays``, ``m_t``, ``v_t``; FedAvgM keeps
+    ``current_arrays`` and ``momentum_vector``).
+    """
+    if hasattr(strategy, "state_dict"):
+        return {"custom": strategy.state_dict()}
+    from flwr.app import ArrayRecord
+
+    state: dict[str, Any] = {}
+    for name, value in vars(strategy).items():
+        if isinstance(value, ArrayRecord):
+            state[name] = ("arrayrecord", {k: torch.from_numpy(v.numpy()) for k, v in value.items()})
+        elif isinstance(value, dict) and value and all(isinstance(v, _STATE_TYPES) for v in value.values()):
+            state[name] = ("dict", {k: torch.as_tensor(v) for k, v in value.items()})
+        elif isinstance(value, list) and value and all(isinstance(v, _STATE_TYPES) for v in value):
+            state[name] = ("list", [torch.as_tensor(v) for v in value])
+        elif isinstance(value, _STATE_TYPES):
+            state[name] = ("array", torch.as_tensor(value))
+    return state
+
+
+def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
+    """Put back what :func:`strategy_state` took."""
+    if "custom" in state:
+        strategy.load_state_dict(state["custom"])
+        return
+    from flwr.app import Array, ArrayRecord
+
+    for name, (kind, value) in state.items():
+        if kind == "arrayrecord":
+            setattr(strategy, name, ArrayRecord({k: Array(v.numpy()) for k, v in value.items()}))
+        elif kind == "dict":
+            setattr(strategy, name, {k: v.numpy() for k, v in value.items()})
+        elif kind == "list":
+            setattr(strategy, name, [v.numpy() for v in value])
+        else:
+            setattr(strategy, name, value.numpy())

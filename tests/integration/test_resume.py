@@ -1,0 +1,100 @@
+"""Crash and resume: a run SIGKILLed mid-run and resumed ends byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fedtune.metrics import read_events
+
+from ..conftest import ROOT, run_cli
+
+ARGS = ["--set", "run.rounds=5", "--set", "client.local_steps=6", "--no-progress"]
+
+
+def rounds_done(run_dir) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return -1
+    return max((e["round"] for e in read_events(path, "round")), default=-1)
+
+
+def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
+    reference = tmp_path / "reference"
+    result = run_cli("simulate", "tiny", "--out", str(reference), *ARGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtune.cli", "simulate", "tiny", "--out", str(crashed), *ARGS],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while rounds_done(crashed) < 2:  # round 2 is written: round 3 is under way
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes
+        proc.wait()
+    assert not (crashed / "summary.json").exists()
+    assert rounds_done(crashed) < 5
+
+    result = run_cli("simulate", "--resume", str(crashed), "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout
+    ref_adapter = (reference / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (crashed / "adapter" / "adapter_model.safetensors").read_bytes() == ref_adapter
+
+    ref_rounds = [(e["round"], e["perplexity"]) for e in read_events(reference / "metrics.jsonl", "round")]
+    got_rounds = [(e["round"], e["perplexity"]) for e in read_events(crashed / "metrics.jsonl", "round")]
+    assert got_rounds == ref_rounds  # one event per round, no duplicates, same values
+    summary = json.loads((crashed / "summary.json").read_text())
+    assert summary["rounds_completed"] == 5
+    assert summary["bytes_up"] == json.loads((reference / "summary.json").read_text())["bytes_up"]
+
+
+def test_resume_refuses_a_changed_config_naming_keys(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("simulate", "tiny", "--out", str(run), "--set", "run.rounds=1", "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run / "summary.json").unlink()  # pretend it stopped before the end
+    result = run_cli("simulate", "--resume", str(run), "--set", "client.lr=0.5",
+                     "--set", "run.rounds=2", "--no-progress")
+    assert result.returncode == 2
+    assert "run.rounds, client.lr" in result.stderr and "--allow-config-change" in result.stderr
+
+
+def test_resume_of_a_finished_run_is_refused(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli("simulate", "tiny", "--out", str(run), "--set", "run.rounds=1",
+                   "--no-progress").returncode == 0
+    result = run_cli("simulate", "--resume", str(run))
+    assert result.returncode == 2 and "finished run" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_resume_skips_a_damaged_checkpoint(tmp_path, damage):
+    run = tmp_path / "run"
+    assert run_cli("simulate", "tiny", "--out", str(run), "--set", "run.rounds=2",
+                   "--no-progress").returncode == 0
+    reference = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    (run / "summary.json").unlink()
+    newest = sorted((run / "checkpoints").glob("*.ckpt"))[-1]
+    data = bytearray(newest.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x10
+    else:
+        data = data[: len(data) - 100]
+    newest.write_bytes(bytes(data))
+    result = run_cli("simulate", "--resume", str(run), "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "after round 1" in result.stdout  # the previous checkpoint
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == reference

@@ -18,13 +18,16 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedtune.config import SECTIONS, Scenario, scenario_from_dict, section_values
+from fedtune.errors import FedtuneError
 from fedtune.metrics import atomic_write_bytes
 
 MAGIC = b"FTCKPT1\n"
@@ -112,6 +115,46 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def resume_point(
+    run_dir: Path, requested: Scenario | None, allow_config_change: bool = False
+) -> tuple[Scenario, Checkpoint]:
+    """The scenario and checkpoint to resume ``run_dir`` from.
+
+    ``requested`` (a scenario given on the command line) must equal the checkpoint's,
+    or the differing keys are named and resuming is refused, unless
+    ``allow_config_change``.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        raise FedtuneError(f"{run_dir} holds a finished run (summary.json): nothing to resume")
+    checkpoint = load_latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise FedtuneError(f"{run_dir} has no valid checkpoint to resume from: start a new run")
+    saved = scenario_from_dict(tomllib.loads(checkpoint.scenario_toml),
+                               source=f"{run_dir} checkpoint", name=checkpoint.scenario_name)
+    if requested is None:
+        return saved, checkpoint
+    differing = config_differences(saved, requested)
+    if differing and not allow_config_change:
+        raise FedtuneError(
+            f"the scenario differs from the checkpoint's in {', '.join(differing)}: resume "
+            "without a scenario, or pass --allow-config-change"
+        )
+    return replace(requested, name=saved.name), checkpoint
+
+
+def config_differences(a: Scenario, b: Scenario) -> list[str]:
+    """Dotted keys whose values differ between two scenarios."""
+    keys = []
+    for section in SECTIONS:
+        va, vb = section_values(a, section), section_values(b, section)
+        keys += [f"{section}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+    return keys
 
 
 # ------------------------------------------------------------------ strategy state

@@ -12,7 +12,8 @@ from fedtune.errors import FedtuneError
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedtune.config import load_scenario
     from fedtune.server.app import default_run_dir
-    from fedtune.simulations.runner import resume_point, simulate
+    from fedtune.checkpoint import resume_point
+    from fedtune.simulations.runner import simulate
 
     if args.resume:
         if args.out:
@@ -34,6 +35,31 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{summary['final_perplexity']:.3f} after round {summary['rounds_completed']}"
     )
     print(f"run folder: {run_dir}  (adapter in {run_dir / 'adapter'})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedtune.checkpoint import resume_point
+    from fedtune.config import load_scenario
+    from fedtune.server.app import default_run_dir
+    from fedtune.server.serve import serve
+
+    if args.resume:
+        if args.out or args.scenario or args.set:
+            raise FedtuneError("--resume continues the run as it was: drop --out, SCENARIO, --set")
+        run_dir = Path(args.resume)
+        scenario, checkpoint = resume_point(run_dir, None)
+        print(f"resuming {run_dir} after round {checkpoint.round}")
+    else:
+        scenario = load_scenario(args.scenario, args.set)
+        run_dir = Path(args.out) if args.out else default_run_dir(scenario)
+    summary = serve(scenario, run_dir, superlink=args.superlink, nodes=args.nodes,
+                    resume=bool(args.resume), root_certificates=args.root_certificates)
+    print(
+        f"held-out perplexity: {summary['initial_perplexity']:.3f} before round 1 -> "
+        f"{summary['final_perplexity']:.3f} after round {summary['rounds_completed']}"
+    )
+    print(f"run folder: {run_dir}")
     return 0
 
 
@@ -80,6 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("serve", help="run a scenario on a Flower SuperLink with real SuperNodes")
+    p.add_argument("scenario", nargs="?", default=None,
+                   help="a shipped scenario name or a .toml path (default: quickstart)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<time>-<scenario>)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its last good checkpoint")
+    p.add_argument("--superlink", default="127.0.0.1:8000",
+                   help="the SuperLink's Control API address (default: 127.0.0.1:8000)")
+    p.add_argument("--nodes", type=int, default=0,
+                   help="SuperNodes to wait for before round 1 (default: one per client)")
+    p.add_argument("--root-certificates", default=None, type=Path,
+                   help="CA certificate for a TLS SuperLink (default: insecure, loopback only)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("scenarios", help="list the shipped scenarios")
     p.set_defaults(func=cmd_scenarios)

@@ -39,6 +39,9 @@ class RunConfig:
     """Batch size of the server's held-out perplexity evaluation."""
     keep_checkpoints: int = 3
     """Checkpoints kept in the run folder (one is written after every round)."""
+    save_updates: bool = False
+    """Also save every accepted client update (``updates/round-N/client-K.safetensors``),
+    to audit an aggregate."""
 
     def __post_init__(self) -> None:
         _check(self.rounds >= 1, "run.rounds", "must be at least 1")
@@ -204,7 +207,7 @@ class Scenario:
 
     def to_toml(self) -> str:
         """Render the resolved scenario as TOML that :func:`load_scenario` reads back."""
-        lines = [f"# fedtune scenario {self.name!r}, resolved", ""]
+        lines = [f"# fedtune scenario {self.name!r}, resolved", f"name = {_toml_value(self.name)}", ""]
         for section in SECTIONS:
             lines.append(f"[{section}]")
             for key, value in section_values(self, section).items():
@@ -214,7 +217,7 @@ class Scenario:
 
     def digest(self) -> str:
         """SHA-256 of the resolved scenario (name excluded): identifies a configuration."""
-        body = self.to_toml().split("\n", 1)[1]
+        body = self.to_toml().split("\n", 2)[2]
         return hashlib.sha256(body.encode()).hexdigest()
 
 
@@ -278,7 +281,9 @@ def load_scenario(
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    name = path.stem
+    name = raw.pop("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: top-level 'name' must be a non-empty string")
     return scenario_from_dict(raw, source=str(path), name=name, overrides=overrides)
 
 
@@ -288,7 +293,13 @@ def scenario_from_dict(
     name: str = DEFAULT_SCENARIO,
     overrides: Iterable[str] = (),
 ) -> Scenario:
-    """Build a :class:`Scenario` from nested mappings, checking every key and type."""
+    """Build a :class:`Scenario` from nested mappings, checking every key and type.
+
+    A top-level ``name`` string names the scenario (it overrides ``name``).
+    """
+    raw = dict(raw)
+    if isinstance(raw.get("name"), str) and raw["name"]:
+        name = raw.pop("name")
     tables: dict[str, dict[str, Any]] = {}
     for section, body in raw.items():
         if section not in SECTIONS:

@@ -1,9 +1,11 @@
 """fedtune's Flower ServerApp.
 
 ``fedtune simulate`` builds one with :func:`make_server_app` around an already
-resolved scenario; ``flwr run .`` uses the module-level ``app``, which reads the
-scenario name, overrides and output folder from the run config (``[tool.flwr.app.config]``
-in pyproject.toml, or ``--run-config``).
+resolved scenario; ``flwr run`` (and ``fedtune serve``, which calls it) uses the
+module-level ``app``, which reads from the run config (``[tool.flwr.app.config]``):
+``scenario`` (a shipped name or a TOML path), ``overrides`` (``section.key=value``
+separated by spaces), ``out`` (the run folder), ``nodes`` (SuperNodes to wait for;
+0 = one per training client) and ``resume`` (continue the run in ``out``).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedtune.checkpoint import Checkpoint
+from fedtune.checkpoint import Checkpoint, resume_point
 from fedtune.config import Scenario, load_scenario
+from fedtune.errors import FedtuneError
 from fedtune.server.loop import Observer, run_federation
 
 
@@ -35,19 +38,21 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        resolved = scenario
-        out = run_dir
-        nodes = expected_nodes
-        if resolved is None:
-            cfg = context.run_config
-            overrides = str(cfg.get("overrides", "")).split()
-            resolved = load_scenario(str(cfg.get("scenario", "quickstart")), overrides)
-            out = Path(str(cfg["out"])) if cfg.get("out") else None
-            nodes = int(cfg.get("nodes", 0)) or None
-        run_federation(
-            grid, resolved, out or default_run_dir(resolved), observer, expected_nodes=nodes,
-            resume=resume,
-        )
+        if scenario is not None:
+            run_federation(grid, scenario, run_dir or default_run_dir(scenario), observer,
+                           expected_nodes=expected_nodes, resume=resume)
+            return
+        cfg = context.run_config
+        resolved = load_scenario(str(cfg.get("scenario", "quickstart")),
+                                 str(cfg.get("overrides", "")).split())
+        out = Path(str(cfg["out"])) if cfg.get("out") else default_run_dir(resolved)
+        checkpoint = None
+        if bool(cfg.get("resume", False)):
+            resolved, checkpoint = resume_point(out, resolved)
+        elif (out / "summary.json").exists():
+            raise FedtuneError(f"{out} already holds a finished run: choose another out")
+        run_federation(grid, resolved, out, observer,
+                       expected_nodes=int(cfg.get("nodes", 0)) or None, resume=checkpoint)
 
     return app
 

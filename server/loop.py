@@ -28,15 +28,15 @@ from fedtune.checkpoint import strategy_state
 from fedtune.config import Scenario, client_spec
 from fedtune.data import build_population, eval_chunks
 from fedtune.evaluation import perplexity
-from fedtune.metrics import EventLog, atomic_write_json, atomic_write_text, peak_rss_mb
-from fedtune.metrics import read_events
+from fedtune.metrics import EventLog, atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedtune.metrics import peak_rss_mb, read_events
 from fedtune.models import adapter_state, attach_lora, load_adapter_state, load_base_model
 from fedtune.models import load_tokenizer, save_adapter
 from fedtune.report import plot_perplexity
 from fedtune.strategies import build_strategy
 from fedtune.wire import check_update, expected_specs, from_record, metric, recorddict_nbytes
-from fedtune.wire import to_record
 from fedtune.server.grid import DeviceGrid
+from fedtune.wire import to_record
 
 MAX_UPDATE_FACTOR = 4
 """An update may be at most this many times the size of the adapter sent."""
@@ -204,6 +204,8 @@ def run_federation(
                 else:
                     event["status"] = "ok"
                     tally.accepted.append((device_grid.client_index(node), reply))
+                    if scenario.run.save_updates:
+                        _save_update(run_dir, rnd, event["client"], update, event["num_examples"])
                     tally.losses.append(float(event["loss"]))
             events.write("client_update", **event)
             observer.client_done(rnd, event)
@@ -276,3 +278,11 @@ def _truncate_events(path: Path, last_round: int) -> None:
 
     kept = [e for e in read_events(path) if e.get("round", 0) <= last_round]
     atomic_write_text(path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in kept))
+
+
+def _save_update(run_dir: Path, rnd: int, client: int, state: Any, weight: Any) -> None:
+    """Keep one accepted update for audit (``run.save_updates``), written atomically."""
+    from safetensors.torch import save
+
+    data = save(state, metadata={"num_examples": str(weight), "round": str(rnd)})
+    atomic_write_bytes(run_dir / "updates" / f"round-{rnd:05d}" / f"client-{client:05d}.safetensors", data)

@@ -1,17 +1,13 @@
 """``fedtune simulate``: check the scenario, then run it on Flower's simulation engine.
 
-Everything that bad input can break — the model package, the data, every client's
-partition, the strategy name — is checked here, in the driver, before Ray starts, so a
-mistake costs a second and one clear line, and leaves no ``summary.json`` behind.
+The checks (:mod:`fedtune.server.preflight`) run in the driver before Ray starts.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tomllib
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,96 +18,18 @@ if TYPE_CHECKING:
     from fedtune.checkpoint import Checkpoint
 
 
-def preflight(scenario: Scenario) -> int:
-    """Check that ``scenario`` can run; return the number of training clients."""
-    from fedtune.data import build_population, client_train_chunks, eval_chunks
-    from fedtune.engines import get_engine
-    from fedtune.models import load_tokenizer, model_dir
-    from fedtune.models.base import TINY
-    from fedtune.strategies import build_strategy
-
-    get_engine(scenario.client.engine)
-    if scenario.model.name not in TINY:
-        model_dir(scenario.model.name)  # converts SmolLM2 once, before actors race for it
-    population = build_population(scenario.data)
-    tokenizer = load_tokenizer(scenario.model.name)
-    for client in population.train:
-        client_train_chunks(tokenizer, client, scenario.data, scenario.client.seq_len)
-    eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
-    if scenario.round.clients_per_round > len(population.train):
-        raise FedtuneError(
-            f"round.clients_per_round = {scenario.round.clients_per_round} exceeds the "
-            f"{len(population.train)} training clients: lower it or raise data.num_clients"
-        )
-    build_strategy(
-        scenario.strategy.name, dict(scenario.strategy.params),
-        population=len(population.train), clients_per_round=scenario.round.clients_per_round,
-    )
-    return len(population.train)
-
-
-def prepare_run_dir(run_dir: Path) -> Path:
-    """Refuse a folder that already holds a run: a finished one or an unfinished one."""
-    run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists():
-        raise FedtuneError(f"{run_dir} already holds a finished run: choose another --out")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FedtuneError(f"{run_dir} is not empty: choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def resume_point(
-    run_dir: Path, requested: Scenario | None, allow_config_change: bool = False
-) -> tuple[Scenario, Checkpoint]:
-    """The scenario and checkpoint to resume ``run_dir`` from.
-
-    ``requested`` (a scenario given on the command line) must equal the checkpoint's,
-    or the differing keys are named and resuming is refused, unless
-    ``allow_config_change``.
-    """
-    from fedtune.checkpoint import load_latest_checkpoint
-    from fedtune.config import scenario_from_dict
-
-    run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists():
-        raise FedtuneError(f"{run_dir} holds a finished run (summary.json): nothing to resume")
-    checkpoint = load_latest_checkpoint(run_dir / "checkpoints")
-    if checkpoint is None:
-        raise FedtuneError(f"{run_dir} has no valid checkpoint to resume from: start a new run")
-    saved = scenario_from_dict(tomllib.loads(checkpoint.scenario_toml),
-                               source=f"{run_dir} checkpoint", name=checkpoint.scenario_name)
-    if requested is None:
-        return saved, checkpoint
-    differing = config_differences(saved, requested)
-    if differing and not allow_config_change:
-        raise FedtuneError(
-            f"the scenario differs from the checkpoint's in {', '.join(differing)}: resume "
-            "without a scenario, or pass --allow-config-change"
-        )
-    return replace(requested, name=saved.name), checkpoint
-
-
-def config_differences(a: Scenario, b: Scenario) -> list[str]:
-    """Dotted keys whose values differ between two scenarios."""
-    from fedtune.config import SECTIONS, section_values
-
-    keys = []
-    for section in SECTIONS:
-        va, vb = section_values(a, section), section_values(b, section)
-        keys += [f"{section}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
-    return keys
-
-
 def simulate(
     scenario: Scenario, run_dir: Path, progress: bool = True, verbose: bool = False,
     resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Run ``scenario`` on Flower's simulation engine (Ray); return the summary.
 
-    With ``resume`` (see :func:`resume_point`), continue the run in ``run_dir``.
+    With ``resume`` (see :func:`fedtune.checkpoint.resume_point`), continue the run in
+    ``run_dir``.
     """
     import json
+
+    from fedtune.server.preflight import prepare_run_dir, preflight
 
     population = preflight(scenario)
     run_dir = prepare_run_dir(run_dir) if resume is None else Path(run_dir)

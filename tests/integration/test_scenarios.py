@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fedtune.config import load_scenario, shipped_scenarios
-from fedtune.simulations.runner import preflight
+from fedtune.server.preflight import preflight
 
 
 @pytest.mark.parametrize("name", sorted(shipped_scenarios()))

@@ -1,0 +1,53 @@
+"""Checks before a federation starts, and the run folder's creation.
+
+Everything that bad input can break — the model package, the data, every client's
+partition, the strategy name — is checked here, in the launching process, before Ray
+or a SuperLink sees the run, so a mistake costs a second and one clear line, and
+leaves no ``summary.json`` behind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedtune.config import Scenario
+from fedtune.errors import FedtuneError
+
+
+def preflight(scenario: Scenario) -> int:
+    """Check that ``scenario`` can run; return the number of training clients."""
+    from fedtune.data import build_population, client_train_chunks, eval_chunks
+    from fedtune.engines import get_engine
+    from fedtune.models import load_tokenizer, model_dir
+    from fedtune.models.base import TINY
+    from fedtune.strategies import build_strategy
+
+    get_engine(scenario.client.engine)
+    if scenario.model.name not in TINY:
+        model_dir(scenario.model.name)  # converts SmolLM2 once, before actors race for it
+    population = build_population(scenario.data)
+    tokenizer = load_tokenizer(scenario.model.name)
+    for client in population.train:
+        client_train_chunks(tokenizer, client, scenario.data, scenario.client.seq_len)
+    eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
+    if scenario.round.clients_per_round > len(population.train):
+        raise FedtuneError(
+            f"round.clients_per_round = {scenario.round.clients_per_round} exceeds the "
+            f"{len(population.train)} training clients: lower it or raise data.num_clients"
+        )
+    build_strategy(
+        scenario.strategy.name, dict(scenario.strategy.params),
+        population=len(population.train), clients_per_round=scenario.round.clients_per_round,
+    )
+    return len(population.train)
+
+
+def prepare_run_dir(run_dir: Path) -> Path:
+    """Refuse a folder that already holds a run: a finished one or an unfinished one."""
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        raise FedtuneError(f"{run_dir} already holds a finished run: choose another --out")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FedtuneError(f"{run_dir} is not empty: choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir

@@ -104,6 +104,7 @@ def train(message: Message, context: Context) -> Message:
         "compute-seconds": time.perf_counter() - started,
         "peak-rss-mb": peak_rss_mb(),
         "client-index": index,
+        "round": rnd,
         **update.metrics,
     })
     return Message(

@@ -130,6 +130,9 @@ class DeviceGrid(Grid):
             for reply in self._grid.pull_messages(list(pending)):
                 key = reply.metadata.reply_to_message_id
                 if key not in pending:
+                    log(WARNING, "Ignored a %s reply from node %d to message %s",
+                        "duplicate" if key in replies else "late or unknown",
+                        reply.metadata.src_node_id, key)
                     continue
                 pending.discard(key)
                 replies[key] = reply

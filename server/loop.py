@@ -198,6 +198,8 @@ def run_federation(
                                   ("peak-rss-mb", "peak_rss_mb")):
                     event[name] = metric(reply, key)
                 update, reason = check_update(reply, specs, max_bytes)
+                if update is not None and metric(reply, "round") != rnd:
+                    update, reason = None, f"stale round {metric(reply, 'round')!r} (now {rnd})"
                 if update is None:
                     event.update(status="rejected", reason=reason)
                     tally.rejected += 1

@@ -98,3 +98,59 @@ def test_killed_nodes_are_timeouts_and_quorum_decides(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 3 and summary["rounds_completed"] == 1
     assert all(u.get("reason") for u in updates if u["status"] != "ok")
+
+
+SERVE_ARGS = ["--set", "data.num_clients=3", "--set", "round.clients_per_round=3",
+              "--set", "round.min_reports=3", "--set", "run.rounds=3",
+              "--set", "client.local_steps=4"]
+
+
+def serve_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedtune.cli", "serve", *args]
+
+
+def test_superlink_killed_mid_run_then_serve_resume_is_byte_identical(tmp_path):
+    # Uninterrupted reference on its own federation.
+    reference = tmp_path / "reference"
+    federation = Federation(tmp_path / "fed-ref", partitions=[0, 1, 2])
+    try:
+        result = subprocess.run(
+            serve_cmd("tiny", "--out", str(reference), "--superlink", federation.address,
+                      *SERVE_ARGS),
+            cwd=ROOT, capture_output=True, text=True, env=federation.env, timeout=400,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    finally:
+        federation.stop()
+
+    # The same run; the whole server side (SuperLink and the ServerApp it started) is
+    # SIGKILLed during round 2, then a new SuperLink comes up and the run is resumed.
+    crashed = tmp_path / "crashed"
+    federation = Federation(tmp_path / "fed-1", partitions=[0, 1, 2])
+    serve = subprocess.Popen(
+        serve_cmd("tiny", "--out", str(crashed), "--superlink", federation.address, *SERVE_ARGS),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=federation.env,
+    )
+    try:
+        wait_for_round(crashed, 1, serve)
+        time.sleep(0.5)
+    finally:
+        federation.stop()
+        serve.wait(timeout=120)
+    assert not (crashed / "summary.json").exists()
+    assert serve.returncode != 0
+
+    federation = Federation(tmp_path / "fed-2", partitions=[0, 1, 2])
+    try:
+        result = subprocess.run(
+            serve_cmd("--resume", str(crashed), "--superlink", federation.address),
+            cwd=ROOT, capture_output=True, text=True, env=federation.env, timeout=400,
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    finally:
+        federation.stop()
+    assert "resuming" in result.stdout
+    ref = (reference / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (crashed / "adapter" / "adapter_model.safetensors").read_bytes() == ref
+    rounds = [e["round"] for e in read_events(crashed / "metrics.jsonl", "round")]
+    assert rounds == [0, 1, 2, 3]

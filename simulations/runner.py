@@ -31,6 +31,14 @@ def simulate(
 
     from fedtune.server.preflight import prepare_run_dir, preflight
 
+    if not verbose:
+        # Keep the screen for fedtune's progress: Flower's deprecation notice for
+        # run_simulation and library FutureWarnings say nothing a user can act on.
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     population = preflight(scenario)
     run_dir = prepare_run_dir(run_dir) if resume is None else Path(run_dir)
     num_nodes = scenario.simulation.num_supernodes or population
@@ -50,9 +58,6 @@ def simulate(
             "log_to_driver": verbose,
         },
     }
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
     observer = RichProgress(scenario) if progress else None
     server_app = make_server_app(scenario, run_dir, observer, expected_nodes=num_nodes,
                                  resume=resume)

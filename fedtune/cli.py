@@ -30,6 +30,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else default_run_dir(scenario)
     summary = simulate(scenario, run_dir, progress=not args.no_progress, verbose=args.verbose,
                        resume=checkpoint)
+    return _outcome(summary, run_dir)
+
+
+def _outcome(summary: dict, run_dir: Path) -> int:
     print(
         f"held-out perplexity: {summary['initial_perplexity']:.3f} before round 1 -> "
         f"{summary['final_perplexity']:.3f} after round {summary['rounds_completed']}"
@@ -55,12 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_dir = Path(args.out) if args.out else default_run_dir(scenario)
     summary = serve(scenario, run_dir, superlink=args.superlink, nodes=args.nodes,
                     resume=bool(args.resume), root_certificates=args.root_certificates)
-    print(
-        f"held-out perplexity: {summary['initial_perplexity']:.3f} before round 1 -> "
-        f"{summary['final_perplexity']:.3f} after round {summary['rounds_completed']}"
-    )
-    print(f"run folder: {run_dir}")
-    return 0
+    return _outcome(summary, run_dir)
 
 
 def cmd_scenarios(args: argparse.Namespace) -> int:

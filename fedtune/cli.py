@@ -10,9 +10,9 @@ from fedtune.errors import FedtuneError
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedtune.checkpoint import resume_point
     from fedtune.config import load_scenario
     from fedtune.server.app import default_run_dir
-    from fedtune.checkpoint import resume_point
     from fedtune.simulations.runner import simulate
 
     if args.resume:
@@ -28,8 +28,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         scenario, checkpoint = load_scenario(args.scenario, args.set), None
         run_dir = Path(args.out) if args.out else default_run_dir(scenario)
-    summary = simulate(scenario, run_dir, progress=not args.no_progress, verbose=args.verbose,
-                       resume=checkpoint)
+    summary = simulate(
+        scenario, run_dir, progress=not args.no_progress, verbose=args.verbose, resume=checkpoint
+    )
     return _outcome(summary, run_dir)
 
 
@@ -57,8 +58,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         scenario = load_scenario(args.scenario, args.set)
         run_dir = Path(args.out) if args.out else default_run_dir(scenario)
-    summary = serve(scenario, run_dir, superlink=args.superlink, nodes=args.nodes,
-                    resume=bool(args.resume), root_certificates=args.root_certificates)
+    summary = serve(
+        scenario,
+        run_dir,
+        superlink=args.superlink,
+        nodes=args.nodes,
+        resume=bool(args.resume),
+        root_certificates=args.root_certificates,
+    )
     return _outcome(summary, run_dir)
 
 
@@ -93,32 +100,67 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="run a scenario on Flower's simulation engine")
-    p.add_argument("scenario", nargs="?", default=None,
-                   help="a shipped scenario name or a .toml path (default: quickstart)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one scenario key (repeatable)")
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        default=None,
+        help="a shipped scenario name or a .toml path (default: quickstart)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one scenario key (repeatable)",
+    )
     p.add_argument("--out", default=None, help="run folder (default: runs/<time>-<scenario>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run from its last good checkpoint")
-    p.add_argument("--allow-config-change", action="store_true",
-                   help="with --resume: accept a scenario that differs from the checkpoint's")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last good checkpoint",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept a scenario that differs from the checkpoint's",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("serve", help="run a scenario on a Flower SuperLink with real SuperNodes")
-    p.add_argument("scenario", nargs="?", default=None,
-                   help="a shipped scenario name or a .toml path (default: quickstart)")
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        default=None,
+        help="a shipped scenario name or a .toml path (default: quickstart)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--out", default=None, help="run folder (default: runs/<time>-<scenario>)")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run from its last good checkpoint")
-    p.add_argument("--superlink", default="127.0.0.1:8000",
-                   help="the SuperLink's Control API address (default: 127.0.0.1:8000)")
-    p.add_argument("--nodes", type=int, default=0,
-                   help="SuperNodes to wait for before round 1 (default: one per client)")
-    p.add_argument("--root-certificates", default=None, type=Path,
-                   help="CA certificate for a TLS SuperLink (default: insecure, loopback only)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue an interrupted run from its last good checkpoint",
+    )
+    p.add_argument(
+        "--superlink",
+        default="127.0.0.1:8000",
+        help="the SuperLink's Control API address (default: 127.0.0.1:8000)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="SuperNodes to wait for before round 1 (default: one per client)",
+    )
+    p.add_argument(
+        "--root-certificates",
+        default=None,
+        type=Path,
+        help="CA certificate for a TLS SuperLink (default: insecure, loopback only)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("scenarios", help="list the shipped scenarios")

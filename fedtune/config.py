@@ -63,8 +63,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
-        _check(self.compute_dtype in ("fp32", "bf16"), "model.compute_dtype",
-               f"must be 'fp32' or 'bf16', got {self.compute_dtype!r}")
+        _check(
+            self.compute_dtype in ("fp32", "bf16"),
+            "model.compute_dtype",
+            f"must be 'fp32' or 'bf16', got {self.compute_dtype!r}",
+        )
         _check(self.num_layers >= 0, "model.num_layers", "must be >= 0")
 
 
@@ -109,10 +112,16 @@ class DataConfig:
     """Fraction of each client's text (its tail) kept out of its training."""
 
     def __post_init__(self) -> None:
-        _check(self.name in ("shakespeare", "jsonl"), "data.name",
-               f"must be 'shakespeare' or 'jsonl', got {self.name!r}")
-        _check(self.name != "jsonl" or bool(self.path), "data.path",
-               "must name a JSONL file when data.name = 'jsonl'")
+        _check(
+            self.name in ("shakespeare", "jsonl"),
+            "data.name",
+            f"must be 'shakespeare' or 'jsonl', got {self.name!r}",
+        )
+        _check(
+            self.name != "jsonl" or bool(self.path),
+            "data.path",
+            "must name a JSONL file when data.name = 'jsonl'",
+        )
         _check(self.min_chars >= 0, "data.min_chars", "must be >= 0")
         _check(self.num_clients >= 0, "data.num_clients", "must be >= 0")
         _check(self.eval_clients >= 1, "data.eval_clients", "must be at least 1")
@@ -159,8 +168,11 @@ class RoundConfig:
     def __post_init__(self) -> None:
         _check(self.clients_per_round >= 1, "round.clients_per_round", "must be at least 1")
         _check(self.min_reports >= 1, "round.min_reports", "must be at least 1")
-        _check(self.min_reports <= self.clients_per_round, "round.min_reports",
-               "must not exceed round.clients_per_round")
+        _check(
+            self.min_reports <= self.clients_per_round,
+            "round.min_reports",
+            "must not exceed round.clients_per_round",
+        )
         _check(self.deadline_s > 0, "round.deadline_s", "must be positive")
 
 
@@ -207,7 +219,11 @@ class Scenario:
 
     def to_toml(self) -> str:
         """Render the resolved scenario as TOML that :func:`load_scenario` reads back."""
-        lines = [f"# fedtune scenario {self.name!r}, resolved", f"name = {_toml_value(self.name)}", ""]
+        lines = [
+            f"# fedtune scenario {self.name!r}, resolved",
+            f"name = {_toml_value(self.name)}",
+            "",
+        ]
         for section in SECTIONS:
             lines.append(f"[{section}]")
             for key, value in section_values(self, section).items():
@@ -303,7 +319,9 @@ def scenario_from_dict(
     tables: dict[str, dict[str, Any]] = {}
     for section, body in raw.items():
         if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{section}]{_did_you_mean(section, SECTIONS)}")
+            raise ConfigError(
+                f"{source}: unknown section [{section}]{_did_you_mean(section, SECTIONS)}"
+            )
         if not isinstance(body, Mapping):
             raise ConfigError(f"{source}: '{section}' must be a table ([{section}])")
         tables[section] = dict(body)
@@ -355,8 +373,7 @@ def _build_section(
             close = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean '{section}.{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"{where}: unknown key '{section}.{key}'{hint}"
-                f" (known: {', '.join(sorted(known))})"
+                f"{where}: unknown key '{section}.{key}'{hint} (known: {', '.join(sorted(known))})"
             )
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", where)
     try:

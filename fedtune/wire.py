@@ -27,7 +27,9 @@ WEIGHT_KEY = "num-examples"
 
 def to_record(state: AdapterState) -> ArrayRecord:
     """An adapter state dict as an :class:`ArrayRecord` (fp32, sorted keys)."""
-    return ArrayRecord({k: state[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state)})
+    return ArrayRecord(
+        {k: state[k].detach().to("cpu", torch.float32).contiguous() for k in sorted(state)}
+    )
 
 
 def from_record(record: ArrayRecord) -> AdapterState:
@@ -51,7 +53,9 @@ class ArraySpec:
 
 
 def expected_specs(state: AdapterState) -> dict[str, ArraySpec]:
-    return {k: ArraySpec(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
+    return {
+        k: ArraySpec(tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()
+    }
 
 
 def check_update(
@@ -87,9 +91,8 @@ def check_update(
     for key, spec in expected.items():
         array = record[key]
         if array.dtype != spec.dtype or tuple(array.shape) != spec.shape:
-            return None, (
-                f"{key}: got {array.dtype}{list(array.shape)}, expected {spec.dtype}{list(spec.shape)}"
-            )
+            got, want = f"{array.dtype}{list(array.shape)}", f"{spec.dtype}{list(spec.shape)}"
+            return None, f"{key}: got {got}, expected {want}"
     try:
         state = from_record(record)
     except Exception as exc:  # noqa: BLE001 - any undecodable payload is a bad reply

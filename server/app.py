@@ -39,20 +39,33 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if scenario is not None:
-            run_federation(grid, scenario, run_dir or default_run_dir(scenario), observer,
-                           expected_nodes=expected_nodes, resume=resume)
+            run_federation(
+                grid,
+                scenario,
+                run_dir or default_run_dir(scenario),
+                observer,
+                expected_nodes=expected_nodes,
+                resume=resume,
+            )
             return
         cfg = context.run_config
-        resolved = load_scenario(str(cfg.get("scenario", "quickstart")),
-                                 str(cfg.get("overrides", "")).split())
+        resolved = load_scenario(
+            str(cfg.get("scenario", "quickstart")), str(cfg.get("overrides", "")).split()
+        )
         out = Path(str(cfg["out"])) if cfg.get("out") else default_run_dir(resolved)
         checkpoint = None
         if bool(cfg.get("resume", False)):
             resolved, checkpoint = resume_point(out, resolved)
         elif (out / "summary.json").exists():
             raise FedtuneError(f"{out} already holds a finished run: choose another out")
-        run_federation(grid, resolved, out, observer,
-                       expected_nodes=int(cfg.get("nodes", 0)) or None, resume=checkpoint)
+        run_federation(
+            grid,
+            resolved,
+            out,
+            observer,
+            expected_nodes=int(cfg.get("nodes", 0)) or None,
+            resume=checkpoint,
+        )
 
     return app
 

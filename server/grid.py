@@ -49,7 +49,11 @@ class DeviceGrid(Grid):
         return self._grid.run
 
     def create_message(  # type: ignore[override]
-        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
         ttl: float | None = None,
     ) -> Message:
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
@@ -82,12 +86,17 @@ class DeviceGrid(Grid):
         deadline = time.monotonic() + timeout
         while len(ids := list(self._grid.get_node_ids())) < expected:
             if time.monotonic() > deadline:
-                log(WARNING, "Only %d of %d nodes connected; going on with them", len(ids), expected)
+                log(
+                    WARNING, "Only %d of %d nodes connected; going on with them", len(ids), expected
+                )
                 break
             time.sleep(0.2)
         messages = [
-            Message(RecordDict({INFO_KEY: ConfigRecord({})}), dst_node_id=nid,
-                    message_type=MessageType.QUERY)
+            Message(
+                RecordDict({INFO_KEY: ConfigRecord({})}),
+                dst_node_id=nid,
+                message_type=MessageType.QUERY,
+            )
             for nid in sorted(ids)
         ]
         replies = self.collect(messages, max(deadline - time.monotonic(), 5.0))
@@ -102,8 +111,13 @@ class DeviceGrid(Grid):
                 continue
             index = reply.content.config_records[INFO_KEY].get("client-index")
             if not isinstance(index, int) or not 0 <= index < population or index in taken:
-                log(WARNING, "Node %d claims client %r (population %d); left out", node, index,
-                    population)
+                log(
+                    WARNING,
+                    "Node %d claims client %r (population %d); left out",
+                    node,
+                    index,
+                    population,
+                )
                 continue
             taken.add(index)
             found[node] = NodeInfo(node, index)
@@ -130,9 +144,13 @@ class DeviceGrid(Grid):
             for reply in self._grid.pull_messages(list(pending)):
                 key = reply.metadata.reply_to_message_id
                 if key not in pending:
-                    log(WARNING, "Ignored a %s reply from node %d to message %s",
+                    log(
+                        WARNING,
+                        "Ignored a %s reply from node %d to message %s",
                         "duplicate" if key in replies else "late or unknown",
-                        reply.metadata.src_node_id, key)
+                        reply.metadata.src_node_id,
+                        key,
+                    )
                     continue
                 pending.discard(key)
                 replies[key] = reply

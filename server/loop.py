@@ -23,20 +23,37 @@ from flwr.app import ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedtune.checkpoint import Checkpoint, restore_strategy_state, save_checkpoint
-from fedtune.checkpoint import strategy_state
+from fedtune.checkpoint import Checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from fedtune.config import Scenario, client_spec
 from fedtune.data import build_population, eval_chunks
 from fedtune.evaluation import perplexity
-from fedtune.metrics import EventLog, atomic_write_bytes, atomic_write_json, atomic_write_text
-from fedtune.metrics import peak_rss_mb, read_events
-from fedtune.models import adapter_state, attach_lora, load_adapter_state, load_base_model
-from fedtune.models import load_tokenizer, save_adapter
+from fedtune.metrics import (
+    EventLog,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    peak_rss_mb,
+    read_events,
+)
+from fedtune.models import (
+    adapter_state,
+    attach_lora,
+    load_adapter_state,
+    load_base_model,
+    load_tokenizer,
+    save_adapter,
+)
 from fedtune.report import plot_perplexity
-from fedtune.strategies import build_strategy
-from fedtune.wire import check_update, expected_specs, from_record, metric, recorddict_nbytes
 from fedtune.server.grid import DeviceGrid
-from fedtune.wire import to_record
+from fedtune.strategies import build_strategy
+from fedtune.wire import (
+    check_update,
+    expected_specs,
+    from_record,
+    metric,
+    recorddict_nbytes,
+    to_record,
+)
 
 MAX_UPDATE_FACTOR = 4
 """An update may be at most this many times the size of the adapter sent."""
@@ -83,9 +100,7 @@ def seeded_global_random(seed: int, rnd: int) -> Iterator[None]:
         random.setstate(saved)
 
 
-def aggregate_in_client_order(
-    strategy: Any, rnd: int, accepted: list[tuple[int, Message]]
-) -> Any:
+def aggregate_in_client_order(strategy: Any, rnd: int, accepted: list[tuple[int, Message]]) -> Any:
     """``strategy.aggregate_train`` over replies sorted by client index.
 
     Floating-point sums depend on their order; sorting makes the aggregate independent
@@ -97,8 +112,12 @@ def aggregate_in_client_order(
 
 
 def run_federation(
-    grid: Grid, scenario: Scenario, run_dir: Path, observer: Observer | None = None,
-    expected_nodes: int | None = None, resume: Checkpoint | None = None,
+    grid: Grid,
+    scenario: Scenario,
+    run_dir: Path,
+    observer: Observer | None = None,
+    expected_nodes: int | None = None,
+    resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Run every round of ``scenario`` on ``grid``; write the run folder; return the summary.
 
@@ -117,14 +136,18 @@ def run_federation(
     population = build_population(scenario.data)
     tokenizer = load_tokenizer(scenario.model.name)
     held_out = eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
-    base = load_base_model(scenario.model.name, scenario.model.compute_dtype, scenario.model.num_layers)
+    base = load_base_model(
+        scenario.model.name, scenario.model.compute_dtype, scenario.model.num_layers
+    )
     model = attach_lora(base, scenario.lora, seed=scenario.run.seed)
     state = adapter_state(model)
     specs = expected_specs(state)
     max_bytes = MAX_UPDATE_FACTOR * sum(v.numel() * 4 for v in state.values())
     strategy = build_strategy(
-        scenario.strategy.name, dict(scenario.strategy.params),
-        population=len(population.train), clients_per_round=scenario.round.clients_per_round,
+        scenario.strategy.name,
+        dict(scenario.strategy.params),
+        population=len(population.train),
+        clients_per_round=scenario.round.clients_per_round,
     )
     device_grid = DeviceGrid(grid)
     device_grid.discover(
@@ -151,13 +174,24 @@ def run_federation(
         log(INFO, "Resuming after round %d (perplexity %.3f)", resume.round, current)
 
     def checkpoint(rnd: int) -> None:
-        history = {"initial_perplexity": initial, "current_perplexity": current,
-                   "rounds_completed": completed, **totals,
-                   "wall_seconds": time.perf_counter() - started}
+        history = {
+            "initial_perplexity": initial,
+            "current_perplexity": current,
+            "rounds_completed": completed,
+            **totals,
+            "wall_seconds": time.perf_counter() - started,
+        }
         save_checkpoint(
             run_dir / "checkpoints",
-            Checkpoint(rnd, scenario.name, scenario.to_toml(), scenario.digest(), state,
-                       strategy_state(strategy), history),
+            Checkpoint(
+                rnd,
+                scenario.name,
+                scenario.to_toml(),
+                scenario.digest(),
+                state,
+                strategy_state(strategy),
+                history,
+            ),
             keep=scenario.run.keep_checkpoints,
         )
 
@@ -187,15 +221,21 @@ def run_federation(
             }
             tally.bytes_down += event["bytes_down"]
             if reply is None:
-                event.update(status="dropped", reason=f"no reply within {scenario.round.deadline_s} s",
-                             bytes_up=0)
+                event.update(
+                    status="dropped",
+                    reason=f"no reply within {scenario.round.deadline_s} s",
+                    bytes_up=0,
+                )
                 tally.dropped += 1
             else:
                 event["bytes_up"] = recorddict_nbytes(reply.content) if not reply.has_error() else 0
                 tally.bytes_up += event["bytes_up"]
-                for key, name in (("loss", "loss"), ("num-examples", "num_examples"),
-                                  ("compute-seconds", "compute_seconds"),
-                                  ("peak-rss-mb", "peak_rss_mb")):
+                for key, name in (
+                    ("loss", "loss"),
+                    ("num-examples", "num_examples"),
+                    ("compute-seconds", "compute_seconds"),
+                    ("peak-rss-mb", "peak_rss_mb"),
+                ):
                     event[name] = metric(reply, key)
                 update, reason = check_update(reply, specs, max_bytes)
                 if update is not None and metric(reply, "round") != rnd:
@@ -216,8 +256,13 @@ def run_federation(
         accepted = tally.accepted
         if len(accepted) < scenario.round.min_reports:
             status = "abandoned"
-            log(INFO, "Round %d abandoned: %d valid updates < round.min_reports = %d",
-                rnd, len(accepted), scenario.round.min_reports)
+            log(
+                INFO,
+                "Round %d abandoned: %d valid updates < round.min_reports = %d",
+                rnd,
+                len(accepted),
+                scenario.round.min_reports,
+            )
         else:
             arrays = aggregate_in_client_order(strategy, rnd, accepted)
             if arrays is None:
@@ -287,4 +332,6 @@ def _save_update(run_dir: Path, rnd: int, client: int, state: Any, weight: Any) 
     from safetensors.torch import save
 
     data = save(state, metadata={"num_examples": str(weight), "round": str(rnd)})
-    atomic_write_bytes(run_dir / "updates" / f"round-{rnd:05d}" / f"client-{client:05d}.safetensors", data)
+    atomic_write_bytes(
+        run_dir / "updates" / f"round-{rnd:05d}" / f"client-{client:05d}.safetensors", data
+    )

@@ -36,8 +36,10 @@ def preflight(scenario: Scenario) -> int:
             f"{len(population.train)} training clients: lower it or raise data.num_clients"
         )
     build_strategy(
-        scenario.strategy.name, dict(scenario.strategy.params),
-        population=len(population.train), clients_per_round=scenario.round.clients_per_round,
+        scenario.strategy.name,
+        dict(scenario.strategy.params),
+        population=len(population.train),
+        clients_per_round=scenario.round.clients_per_round,
     )
     return len(population.train)
 

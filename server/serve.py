@@ -67,8 +67,13 @@ def write_flower_files(
     app_dir.mkdir(parents=True, exist_ok=True)
     home.mkdir(parents=True, exist_ok=True)
     atomic_write_text(app_dir / "pyproject.toml", APP_PYPROJECT)
-    lines = ["[superlink]", 'default = "fedtune"', "", "[superlink.fedtune]",
-             f'address = "{superlink}"']
+    lines = [
+        "[superlink]",
+        'default = "fedtune"',
+        "",
+        "[superlink.fedtune]",
+        f'address = "{superlink}"',
+    ]
     if root_certificates is None:
         lines.append("insecure = true")
     else:
@@ -100,8 +105,11 @@ def serve(
         f'scenario="{run_dir / "scenario.toml"}" out="{run_dir}" nodes={int(nodes)} '
         f"resume={'true' if resume else 'false'}"
     )
-    env = {**os.environ, "FLWR_HOME": str(home),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
     result = subprocess.run(
         [_flwr(), "run", str(app_dir), "fedtune", "--run-config", run_config, "--stream"],
         env=env,

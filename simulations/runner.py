@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 
 
 def simulate(
-    scenario: Scenario, run_dir: Path, progress: bool = True, verbose: bool = False,
+    scenario: Scenario,
+    run_dir: Path,
+    progress: bool = True,
+    verbose: bool = False,
     resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Run ``scenario`` on Flower's simulation engine (Ray); return the summary.
@@ -29,7 +32,7 @@ def simulate(
     """
     import json
 
-    from fedtune.server.preflight import prepare_run_dir, preflight
+    from fedtune.server.preflight import preflight, prepare_run_dir
 
     if not verbose:
         # Keep the screen for fedtune's progress: Flower's deprecation notice for
@@ -50,7 +53,10 @@ def simulate(
 
     cpus = os.cpu_count() or 1
     backend_config = {
-        "client_resources": {"num_cpus": min(scenario.simulation.client_cpus, cpus), "num_gpus": 0.0},
+        "client_resources": {
+            "num_cpus": min(scenario.simulation.client_cpus, cpus),
+            "num_gpus": 0.0,
+        },
         "init_args": {
             "num_cpus": cpus,
             "include_dashboard": False,
@@ -59,8 +65,9 @@ def simulate(
         },
     }
     observer = RichProgress(scenario) if progress else None
-    server_app = make_server_app(scenario, run_dir, observer, expected_nodes=num_nodes,
-                                 resume=resume)
+    server_app = make_server_app(
+        scenario, run_dir, observer, expected_nodes=num_nodes, resume=resume
+    )
     try:
         run_simulation(
             server_app=server_app,
@@ -84,8 +91,13 @@ class RichProgress:
 
     def __init__(self, scenario: Scenario) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-        from rich.progress import TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = Console(stderr=True)
         self.progress = Progress(
@@ -106,8 +118,9 @@ class RichProgress:
         self.progress.update(self.rounds, info=f"ppl {initial_perplexity:.3f}")
 
     def round_started(self, rnd: int, sampled: int) -> None:
-        self.progress.reset(self.clients, total=sampled, visible=True,
-                            description=f"round {rnd} clients", info="")
+        self.progress.reset(
+            self.clients, total=sampled, visible=True, description=f"round {rnd} clients", info=""
+        )
 
     def client_done(self, rnd: int, event: dict[str, Any]) -> None:
         self.bytes += int(event.get("bytes_up") or 0) + int(event.get("bytes_down") or 0)

@@ -28,8 +28,19 @@ GROUP = "fedtune.strategies"
 
 BUILTINS: dict[str, str] = {
     "fedavg": "flwr.serverapp.strategy:FedAvg",
+    "fedprox": "flwr.serverapp.strategy:FedProx",
+    "fedadam": "fedtune.strategies.fedadam:FedAdam",
+    "fedyogi": "flwr.serverapp.strategy:FedYogi",
+    "fedavgm": "flwr.serverapp.strategy:FedAvgM",
+    "median": "flwr.serverapp.strategy:FedMedian",
+    "trimmed-mean": "flwr.serverapp.strategy:FedTrimmedAvg",
+    "krum": "flwr.serverapp.strategy:Krum",
 }
-"""Built-in names; also declared as entry points in fedtune's own pyproject."""
+"""Built-in names; also declared as entry points in fedtune's own pyproject.
+
+Flower's classes are registered as they are where they work in fedtune's loop; a
+module of ``fedtune.strategies`` adapts one where they do not (its docstring says why).
+"""
 
 SAMPLING_KEYS = (
     "fraction_train",
@@ -133,6 +144,7 @@ def _parameters(target: Any) -> tuple[set[str], bool]:
     func = target.__init__ if inspect.isclass(target) else target
     sig = inspect.signature(func)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-    names = {n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names = {n for n, p in sig.parameters.items() if p.kind in named}
     names.discard("self")
     return names, takes_any

@@ -90,7 +90,9 @@ def client_train_chunks(
     return chunks
 
 
-def eval_chunks(tokenizer: Any, population: Population, cfg: DataConfig, seq_len: int) -> torch.Tensor:
+def eval_chunks(
+    tokenizer: Any, population: Population, cfg: DataConfig, seq_len: int
+) -> torch.Tensor:
     """The global held-out set: chunks interleaved across eval clients, first N kept."""
     per_client = [chunk_tokens(tokenizer, c.text, seq_len) for c in population.evaluation]
     picked: list[torch.Tensor] = []

@@ -108,7 +108,9 @@ def load_jsonl(path: str | Path) -> list[ClientText]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg}); fix or remove the line") from None
+                raise DataError(
+                    f"{where}: not valid JSON ({exc.msg}); fix or remove the line"
+                ) from None
             if not isinstance(item, dict):
                 raise DataError(f"{where}: expected an object with 'client_id' and 'text'")
             client_id, text = item.get("client_id"), item.get("text")

@@ -1,4 +1,9 @@
-"""Backprop LoRA: AdamW on the adapter weights, the base model frozen."""
+"""Backprop LoRA: AdamW on the adapter weights, the base model frozen.
+
+With ``proximal_mu > 0`` the local loss gets FedProx's proximal term
+``mu/2 * ||w - w_global||^2`` over the LoRA weights (Li et al., MLSys 2020), where
+``w_global`` is the adapter as loaded when training starts.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ class BackpropEngine:
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        anchors = [p.detach().clone() for p in params] if config.proximal_mu > 0 else []
         batches = sample_batches(len(chunks), config.batch_size, config.local_steps, config.seed)
         losses: list[float] = []
         model.train()
@@ -30,7 +36,10 @@ class BackpropEngine:
             for index in batches:
                 input_ids = chunks[index]
                 loss = model(input_ids=input_ids, labels=input_ids).loss
-                loss.backward()
+                objective = loss  # the reported loss stays the task loss
+                if anchors:
+                    objective = loss + config.proximal_mu / 2 * proximal_term(params, anchors)
+                objective.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
@@ -43,3 +52,8 @@ class BackpropEngine:
             loss=sum(losses) / len(losses),
             metrics={"loss-first": losses[0], "loss-last": losses[-1]},
         )
+
+
+def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor]) -> torch.Tensor:
+    """``||w - w_global||^2`` summed over the adapter tensors."""
+    return torch.stack([((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True)]).sum()

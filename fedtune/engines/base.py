@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedtune.errors import ConfigError
 from fedtune.models.lora import AdapterState
 
 
@@ -25,6 +26,12 @@ class EngineConfig:
     weight_decay: float = 0.0
     seed: int = 0
     """Seeds batch sampling and dropout of this client-round."""
+    proximal_mu: float = 0.0
+    """FedProx weight ``mu`` of ``mu/2 * ||w - w_global||^2`` on the adapter (0: off)."""
+
+    def __post_init__(self) -> None:
+        if not self.proximal_mu >= 0:
+            raise ConfigError(f"proximal-mu must be >= 0, got {self.proximal_mu!r}")
 
 
 @dataclass
@@ -49,9 +56,7 @@ class Engine(Protocol):
     def train(self, model: Any, chunks: torch.Tensor, config: EngineConfig) -> Update: ...
 
 
-def sample_batches(
-    num_chunks: int, batch_size: int, steps: int, seed: int
-) -> list[torch.Tensor]:
+def sample_batches(num_chunks: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
     """Indices of ``steps`` batches: a seeded shuffle, epoch after epoch."""
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []

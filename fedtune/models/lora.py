@@ -56,7 +56,9 @@ def adapter_state(model: Any) -> AdapterState:
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model)
-    return {k: state[k].detach().to("cpu", torch.float32).contiguous().clone() for k in sorted(state)}
+    return {
+        k: state[k].detach().to("cpu", torch.float32).contiguous().clone() for k in sorted(state)
+    }
 
 
 def load_adapter_state(model: Any, state: AdapterState) -> None:

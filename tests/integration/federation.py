@@ -29,18 +29,28 @@ class Federation:
         folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "FLWR_HOME": str(folder / "flwr-home")}
-        self.superlink = self._start("superlink", [str(BIN / "flower-superlink"), "--insecure",
-                                                   "--port", str(self.port)])
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_HOME": str(folder / "flwr-home"),
+        }
+        self.superlink = self._start(
+            "superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port)]
+        )
         self._wait_for_port()
         self.nodes = {p: self.start_node(p) for p in partitions}
 
     def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "ab")
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                start_new_session=True, cwd=self.folder)
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+            cwd=self.folder,
+        )
 
     def _wait_for_port(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -52,10 +62,19 @@ class Federation:
         raise RuntimeError(f"SuperLink did not listen on {self.address}")
 
     def start_node(self, partition: int) -> subprocess.Popen:
-        return self._start(f"node{partition}", [
-            str(BIN / "flower-supernode"), "--insecure", "--superlink", self.address,
-            "--node-config", f"partition-id={partition}", "--port", str(free_port()),
-        ])
+        return self._start(
+            f"node{partition}",
+            [
+                str(BIN / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                self.address,
+                "--node-config",
+                f"partition-id={partition}",
+                "--port",
+                str(free_port()),
+            ],
+        )
 
     def kill_node(self, partition: int) -> None:
         proc = self.nodes.pop(partition)

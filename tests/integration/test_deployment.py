@@ -52,12 +52,35 @@ def test_killed_nodes_are_timeouts_and_quorum_decides(tmp_path):
     run_dir = tmp_path / "run"
     log = open(tmp_path / "serve.log", "w")
     serve = subprocess.Popen(
-        [sys.executable, "-m", "fedtune.cli", "serve", "tiny", "--out", str(run_dir),
-         "--superlink", federation.address, "--nodes", "6",
-         "--set", "data.num_clients=6", "--set", "round.clients_per_round=6",
-         "--set", "round.min_reports=3", "--set", "round.deadline_s=40",
-         "--set", "run.rounds=3", "--set", "run.save_updates=true"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=federation.env,
+        [
+            sys.executable,
+            "-m",
+            "fedtune.cli",
+            "serve",
+            "tiny",
+            "--out",
+            str(run_dir),
+            "--superlink",
+            federation.address,
+            "--nodes",
+            "6",
+            "--set",
+            "data.num_clients=6",
+            "--set",
+            "round.clients_per_round=6",
+            "--set",
+            "round.min_reports=3",
+            "--set",
+            "round.deadline_s=40",
+            "--set",
+            "run.rounds=3",
+            "--set",
+            "run.save_updates=true",
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=federation.env,
     )
     try:
         wait_for_round(run_dir, 0, serve)  # discovery and the first evaluation are done
@@ -100,9 +123,18 @@ def test_killed_nodes_are_timeouts_and_quorum_decides(tmp_path):
     assert all(u.get("reason") for u in updates if u["status"] != "ok")
 
 
-SERVE_ARGS = ["--set", "data.num_clients=3", "--set", "round.clients_per_round=3",
-              "--set", "round.min_reports=3", "--set", "run.rounds=3",
-              "--set", "client.local_steps=4"]
+SERVE_ARGS = [
+    "--set",
+    "data.num_clients=3",
+    "--set",
+    "round.clients_per_round=3",
+    "--set",
+    "round.min_reports=3",
+    "--set",
+    "run.rounds=3",
+    "--set",
+    "client.local_steps=4",
+]
 
 
 def serve_cmd(*args: str) -> list[str]:
@@ -115,9 +147,14 @@ def test_superlink_killed_mid_run_then_serve_resume_is_byte_identical(tmp_path):
     federation = Federation(tmp_path / "fed-ref", partitions=[0, 1, 2])
     try:
         result = subprocess.run(
-            serve_cmd("tiny", "--out", str(reference), "--superlink", federation.address,
-                      *SERVE_ARGS),
-            cwd=ROOT, capture_output=True, text=True, env=federation.env, timeout=400,
+            serve_cmd(
+                "tiny", "--out", str(reference), "--superlink", federation.address, *SERVE_ARGS
+            ),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=federation.env,
+            timeout=400,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     finally:
@@ -129,7 +166,10 @@ def test_superlink_killed_mid_run_then_serve_resume_is_byte_identical(tmp_path):
     federation = Federation(tmp_path / "fed-1", partitions=[0, 1, 2])
     serve = subprocess.Popen(
         serve_cmd("tiny", "--out", str(crashed), "--superlink", federation.address, *SERVE_ARGS),
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=federation.env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=federation.env,
     )
     try:
         wait_for_round(crashed, 1, serve)
@@ -144,7 +184,11 @@ def test_superlink_killed_mid_run_then_serve_resume_is_byte_identical(tmp_path):
     try:
         result = subprocess.run(
             serve_cmd("--resume", str(crashed), "--superlink", federation.address),
-            cwd=ROOT, capture_output=True, text=True, env=federation.env, timeout=400,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=federation.env,
+            timeout=400,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     finally:

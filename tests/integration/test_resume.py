@@ -33,7 +33,10 @@ def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedtune.cli", "simulate", "tiny", "--out", str(crashed), *ARGS],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 300
@@ -53,8 +56,12 @@ def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
     ref_adapter = (reference / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (crashed / "adapter" / "adapter_model.safetensors").read_bytes() == ref_adapter
 
-    ref_rounds = [(e["round"], e["perplexity"]) for e in read_events(reference / "metrics.jsonl", "round")]
-    got_rounds = [(e["round"], e["perplexity"]) for e in read_events(crashed / "metrics.jsonl", "round")]
+    ref_rounds = [
+        (e["round"], e["perplexity"]) for e in read_events(reference / "metrics.jsonl", "round")
+    ]
+    got_rounds = [
+        (e["round"], e["perplexity"]) for e in read_events(crashed / "metrics.jsonl", "round")
+    ]
     assert got_rounds == ref_rounds  # one event per round, no duplicates, same values
     summary = json.loads((crashed / "summary.json").read_text())
     assert summary["rounds_completed"] == 5
@@ -63,19 +70,33 @@ def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
 
 def test_resume_refuses_a_changed_config_naming_keys(tmp_path):
     run = tmp_path / "run"
-    result = run_cli("simulate", "tiny", "--out", str(run), "--set", "run.rounds=1", "--no-progress")
+    result = run_cli(
+        "simulate", "tiny", "--out", str(run), "--set", "run.rounds=1", "--no-progress"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run / "summary.json").unlink()  # pretend it stopped before the end
-    result = run_cli("simulate", "--resume", str(run), "--set", "client.lr=0.5",
-                     "--set", "run.rounds=2", "--no-progress")
+    result = run_cli(
+        "simulate",
+        "--resume",
+        str(run),
+        "--set",
+        "client.lr=0.5",
+        "--set",
+        "run.rounds=2",
+        "--no-progress",
+    )
     assert result.returncode == 2
     assert "run.rounds, client.lr" in result.stderr and "--allow-config-change" in result.stderr
 
 
 def test_resume_of_a_finished_run_is_refused(tmp_path):
     run = tmp_path / "run"
-    assert run_cli("simulate", "tiny", "--out", str(run), "--set", "run.rounds=1",
-                   "--no-progress").returncode == 0
+    assert (
+        run_cli(
+            "simulate", "tiny", "--out", str(run), "--set", "run.rounds=1", "--no-progress"
+        ).returncode
+        == 0
+    )
     result = run_cli("simulate", "--resume", str(run))
     assert result.returncode == 2 and "finished run" in result.stderr
 
@@ -83,8 +104,12 @@ def test_resume_of_a_finished_run_is_refused(tmp_path):
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_resume_skips_a_damaged_checkpoint(tmp_path, damage):
     run = tmp_path / "run"
-    assert run_cli("simulate", "tiny", "--out", str(run), "--set", "run.rounds=2",
-                   "--no-progress").returncode == 0
+    assert (
+        run_cli(
+            "simulate", "tiny", "--out", str(run), "--set", "run.rounds=2", "--no-progress"
+        ).returncode
+        == 0
+    )
     reference = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     (run / "summary.json").unlink()
     newest = sorted((run / "checkpoints").glob("*.ckpt"))[-1]

@@ -25,8 +25,14 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def test_run_folder_is_complete(tiny_run):
-    for name in ("scenario.toml", "metrics.jsonl", "summary.json", "perplexity.png",
-                 "adapter/adapter_model.safetensors", "adapter/adapter_config.json"):
+    for name in (
+        "scenario.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "perplexity.png",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    ):
         assert (tiny_run / name).is_file(), name
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["scenario"] == "tiny"
@@ -68,8 +74,9 @@ def test_saved_adapter_reproduces_final_perplexity(tiny_run):
     base = load_base_model(scenario.model.name)
     model = PeftModel.from_pretrained(base, tiny_run / "adapter")
     tokenizer = load_tokenizer(scenario.model.name)
-    held_out = eval_chunks(tokenizer, build_population(scenario.data), scenario.data,
-                           scenario.client.seq_len)
+    held_out = eval_chunks(
+        tokenizer, build_population(scenario.data), scenario.data, scenario.client.seq_len
+    )
     summary = json.loads((tiny_run / "summary.json").read_text())
     ppl = perplexity(model, held_out, scenario.run.eval_batch_size)
     assert ppl == pytest.approx(summary["final_perplexity"], rel=1e-2)
@@ -83,8 +90,14 @@ def test_same_seed_gives_identical_adapter(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     first = (tiny_run / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == first
-    pick = lambda d: [(u["round"], u["client"]) for u in read_events(d / "metrics.jsonl", "client_update")]
-    assert sorted(pick(out)) == sorted(pick(tiny_run))
+
+    def picked(run_dir):
+        return sorted(
+            (u["round"], u["client"])
+            for u in read_events(run_dir / "metrics.jsonl", "client_update")
+        )
+
+    assert picked(out) == picked(tiny_run)
 
 
 def test_existing_run_folder_is_refused(tiny_run):

@@ -32,9 +32,19 @@ def test_short_run_improves_and_adapter_reloads(tmp_path):
 
     out = tmp_path / "run"
     result = run_cli(
-        "simulate", "quickstart", "--out", str(out), "--no-progress",
-        "--set", "run.rounds=1", "--set", "round.clients_per_round=2",
-        "--set", "client.local_steps=3", "--set", "data.eval_chunks=8",
+        "simulate",
+        "quickstart",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        "run.rounds=1",
+        "--set",
+        "round.clients_per_round=2",
+        "--set",
+        "client.local_steps=3",
+        "--set",
+        "data.eval_chunks=8",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -42,7 +52,11 @@ def test_short_run_improves_and_adapter_reloads(tmp_path):
 
     scenario = load_scenario(out / "scenario.toml")
     model = PeftModel.from_pretrained(load_base_model("smollm2-135m"), out / "adapter")
-    held_out = eval_chunks(load_tokenizer("smollm2-135m"), build_population(scenario.data),
-                           scenario.data, scenario.client.seq_len)
+    held_out = eval_chunks(
+        load_tokenizer("smollm2-135m"),
+        build_population(scenario.data),
+        scenario.data,
+        scenario.client.seq_len,
+    )
     ppl = perplexity(model, held_out, scenario.run.eval_batch_size)
     assert ppl == pytest.approx(summary["final_perplexity"], rel=1e-2)

@@ -18,7 +18,10 @@ from fedtune.checkpoint import (
 
 def make(rnd: int) -> Checkpoint:
     return Checkpoint(
-        round=rnd, scenario_name="tiny", scenario_toml="[run]\nseed = 0\n", scenario_digest="d",
+        round=rnd,
+        scenario_name="tiny",
+        scenario_toml="[run]\nseed = 0\n",
+        scenario_digest="d",
         adapter={"w": torch.arange(6.0).view(2, 3) + rnd},
         strategy={"m_t": ("dict", {"w": torch.ones(2, 3)})},
         history={"initial_perplexity": 10.0, "bytes_up": 5},

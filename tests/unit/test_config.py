@@ -34,8 +34,16 @@ def test_default_scenario_is_quickstart():
 
 
 def test_overrides_are_typed():
-    s = load_scenario("quickstart", ["run.rounds=7", "client.lr=1e-4", "lora.targets=[\"q_proj\"]",
-                                     "model.name=tiny-llama", "strategy.eta=0.5"])
+    s = load_scenario(
+        "quickstart",
+        [
+            "run.rounds=7",
+            "client.lr=1e-4",
+            'lora.targets=["q_proj"]',
+            "model.name=tiny-llama",
+            "strategy.eta=0.5",
+        ],
+    )
     assert s.run.rounds == 7
     assert s.client.lr == pytest.approx(1e-4)
     assert s.lora.targets == ("q_proj",)
@@ -126,5 +134,7 @@ def test_client_spec_round_trip():
 
 
 def test_scenario_is_frozen():
-    with pytest.raises(Exception):
+    from dataclasses import FrozenInstanceError
+
+    with pytest.raises(FrozenInstanceError):
         Scenario().run.rounds = 3  # type: ignore[misc]

@@ -78,8 +78,10 @@ def test_population_too_small_is_a_clear_error():
 
 def test_jsonl_groups_lines_by_client(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text('{"client_id": "a", "text": "one"}\n\n{"client_id": 7, "text": "x"}\n'
-                    '{"client_id": "a", "text": "two"}\n')
+    path.write_text(
+        '{"client_id": "a", "text": "one"}\n\n{"client_id": 7, "text": "x"}\n'
+        '{"client_id": "a", "text": "two"}\n'
+    )
     clients = load_jsonl(path)
     assert [(c.client_id, c.text) for c in clients] == [("7", "x\n"), ("a", "one\ntwo\n")]
 

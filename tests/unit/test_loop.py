@@ -24,8 +24,9 @@ def task_identity():
 
 
 def reply(values: torch.Tensor, weight: int) -> Message:
-    content = RecordDict({"arrays": to_record({"w": values}),
-                          "metrics": MetricRecord({"num-examples": weight})})
+    content = RecordDict(
+        {"arrays": to_record({"w": values}), "metrics": MetricRecord({"num-examples": weight})}
+    )
     return Message(content, dst_node_id=1, message_type="train")
 
 
@@ -37,7 +38,9 @@ def test_fedavg_exact_on_small_arrays():
 
 def test_reply_order_does_not_change_the_aggregate():
     gen = torch.Generator().manual_seed(0)
-    accepted = [(i, reply(torch.randn(257, generator=gen) * 10 ** (i % 5), i + 1)) for i in range(12)]
+    accepted = [
+        (i, reply(torch.randn(257, generator=gen) * 10 ** (i % 5), i + 1)) for i in range(12)
+    ]
     reference = from_record(aggregate_in_client_order(FedAvg(), 1, accepted))["w"]
     rng = random.Random(1)
     for _ in range(5):

@@ -8,7 +8,13 @@ import torch
 from fedtune.config import LoraConfig
 from fedtune.errors import ConfigError, ModelError
 from fedtune.evaluation import perplexity
-from fedtune.models import adapter_state, attach_lora, load_adapter_state, load_base_model, save_adapter
+from fedtune.models import (
+    adapter_state,
+    attach_lora,
+    load_adapter_state,
+    load_base_model,
+    save_adapter,
+)
 
 
 def test_tiny_model_is_deterministic_and_frozen():
@@ -67,8 +73,10 @@ def test_perplexity_is_exp_of_token_mean_loss(tiny_peft, tokenizer):
 def test_saved_adapter_loads_with_peft(tiny_peft, tmp_path):
     from peft import PeftModel
 
-    state = {k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
-             for k, v in adapter_state(tiny_peft).items()}
+    state = {
+        k: v + 0.01 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+        for k, v in adapter_state(tiny_peft).items()
+    }
     out = save_adapter(tiny_peft, state, tmp_path / "adapter")
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     loaded = PeftModel.from_pretrained(load_base_model("tiny-llama"), out)

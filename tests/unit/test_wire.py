@@ -3,11 +3,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.app import Error
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from fedtune.wire import check_update, expected_specs, from_record, recorddict_nbytes, to_record
-
 
 
 @pytest.fixture(autouse=True)
@@ -15,8 +13,11 @@ def task_identity():
     """Messages need a run identity; Flower sets one this way in its simulation."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    saved = (TaskIdentity._run_id, getattr(TaskIdentity, "_task_id", None),
-             getattr(TaskIdentity, "_node_id", None))
+    saved = (
+        TaskIdentity._run_id,
+        getattr(TaskIdentity, "_task_id", None),
+        getattr(TaskIdentity, "_node_id", None),
+    )
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
@@ -49,7 +50,9 @@ def test_valid_update_passes():
 
 def test_serialized_size_grows_with_payload():
     small = recorddict_nbytes(RecordDict({"arrays": to_record(STATE)}))
-    big = recorddict_nbytes(RecordDict({"arrays": to_record({k: v.repeat(10, 1) for k, v in STATE.items()})}))
+    big = recorddict_nbytes(
+        RecordDict({"arrays": to_record({k: v.repeat(10, 1) for k, v in STATE.items()})})
+    )
     payload = sum(v.numel() * 4 for v in STATE.values())
     assert small > payload
     assert big - small >= 9 * payload  # the arrays' bytes are all counted
@@ -95,7 +98,10 @@ def test_error_reply_is_rejected():
 
 
 def test_reply_without_arrays_is_rejected():
-    bad = Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), dst_node_id=1,
-                  message_type="train")
+    bad = Message(
+        RecordDict({"metrics": MetricRecord({"num-examples": 1})}),
+        dst_node_id=1,
+        message_type="train",
+    )
     state, why = check(bad)
     assert state is None and "no 'arrays'" in why

@@ -22,7 +22,7 @@ from fedtune.data import build_population, client_train_chunks
 from fedtune.engines import EngineConfig, get_engine
 from fedtune.errors import DataError
 from fedtune.metrics import peak_rss_mb
-from fedtune.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, from_record, to_record
+from fedtune.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, encode_update, from_record
 
 PARTITION_KEY = "partition-id"
 INFO_KEY = "info"
@@ -78,6 +78,7 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Load the global adapter, train it locally, reply with the update and metrics."""
+    from fedtune.clients.local_state import keep_local, restore_local
     from fedtune.models import load_adapter_state
 
     index = client_index(context)
@@ -86,7 +87,9 @@ def train(message: Message, context: Context) -> Message:
     rnd = int(config.get("round", config.get("server-round", 0)))
     chunks = _chunks(scenario.data, scenario.model.name, scenario.client.seq_len, index)
     model = _model(scenario.model, scenario.lora, scenario.run.seed)
-    load_adapter_state(model, from_record(message.content.array_records[ARRAYS_KEY]))
+    local = str(config.get("lora-local", "none"))  # a LoRA factor this node keeps (FedSA-LoRA)
+    received = from_record(message.content.array_records[ARRAYS_KEY])
+    load_adapter_state(model, restore_local(context, received, local))
 
     engine = get_engine(scenario.client.engine)
     seed = int(np.random.SeedSequence([scenario.run.seed, rnd, index]).generate_state(1)[0])
@@ -101,8 +104,10 @@ def train(message: Message, context: Context) -> Message:
             weight_decay=scenario.client.weight_decay,
             seed=seed,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
+            train_only=str(config.get("lora-train", "all")),
         ),
     )
+    keep_local(context, update.state, local)
     metrics = MetricRecord(
         {
             WEIGHT_KEY: update.num_examples,
@@ -115,6 +120,11 @@ def train(message: Message, context: Context) -> Message:
         }
     )
     return Message(
-        RecordDict({ARRAYS_KEY: to_record(update.state), METRICS_KEY: metrics}),
+        RecordDict(
+            {
+                ARRAYS_KEY: encode_update(update.state, scenario.client.wire_dtype),
+                METRICS_KEY: metrics,
+            }
+        ),
         reply_to=message,
     )

@@ -145,6 +145,8 @@ class ClientConfig:
     """Tokens per sequence."""
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA weights."""
+    wire_dtype: str = "fp32"
+    """How the update travels up: ``fp32``, ``fp16`` or ``int8`` (per-row scales)."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "client.lr", "must be positive")
@@ -152,6 +154,11 @@ class ClientConfig:
         _check(self.batch_size >= 1, "client.batch_size", "must be at least 1")
         _check(self.seq_len >= 8, "client.seq_len", "must be at least 8")
         _check(self.weight_decay >= 0, "client.weight_decay", "must be >= 0")
+        _check(
+            self.wire_dtype in ("fp32", "fp16", "int8"),
+            "client.wire_dtype",
+            f"must be 'fp32', 'fp16' or 'int8', got {self.wire_dtype!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,14 @@
-"""Adapters on the wire: Flower records, their measured size, and update validation.
+"""Adapters on the wire: Flower records, compression, measured size, update validation.
 
 The server checks every reply against the adapter it sent *before* a strategy sees it
 (Flower's FedAvg ends the whole run when one reply's keys differ): a bad phone's reply
 is dropped with a reason, and the round goes on.
+
+Uploads may be compressed (``client.wire_dtype``): ``fp16`` halves them; ``int8``
+stores int8 values with one fp32 scale per row or column (``<key>::scale``; one per
+rank for LoRA matrices): a quarter of fp32 plus the scales, with an error of at most
+half a scale step per value. The server decodes to fp32 while validating, so
+strategies always see fp32 arrays.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 WEIGHT_KEY = "num-examples"
 """Metric Flower's FedAvg weights by."""
+WIRE_DTYPES = ("fp32", "fp16", "int8")
+SCALE_SUFFIX = "::scale"
 
 
 def to_record(state: AdapterState) -> ArrayRecord:
@@ -35,6 +43,77 @@ def to_record(state: AdapterState) -> ArrayRecord:
 def from_record(record: ArrayRecord) -> AdapterState:
     """An :class:`ArrayRecord` back to a state dict of CPU tensors."""
     return {k: torch.from_numpy(np.array(record[k].numpy(), copy=True)) for k in record}
+
+
+def _scale_axis(shape: tuple[int, ...]) -> int:
+    """Scales go along the smaller of a matrix's two sides: for LoRA that is the rank,
+    so A (r x in) and B (out x r) both get r scales rather than B getting ``out``."""
+    return 1 if len(shape) == 2 and shape[1] < shape[0] else 0
+
+
+def quantize_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one fp32 scale per row (per column where columns are fewer)."""
+    t = tensor.detach().to(torch.float32)
+    if _scale_axis(tuple(t.shape)) == 1:
+        q, scale = quantize_rows(t.T.contiguous())
+        return q.T.contiguous(), scale
+    rows = t.reshape(t.shape[0] if t.dim() else 1, -1)
+    scale = rows.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(t.shape), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_rows` (up to half a scale step per value)."""
+    if _scale_axis(tuple(q.shape)) == 1:
+        return dequantize_rows(q.T.contiguous(), scale).T.contiguous()
+    rows = q.to(torch.float32).reshape(q.shape[0] if q.dim() else 1, -1) * scale[:, None]
+    return rows.reshape(q.shape)
+
+
+def scale_count(shape: tuple[int, ...]) -> int:
+    if not shape:
+        return 1
+    return shape[_scale_axis(shape)]
+
+
+def encode_update(state: AdapterState, wire_dtype: str) -> ArrayRecord:
+    """A client's update as it travels: fp32, fp16, or int8 with per-row scales."""
+    if wire_dtype == "fp32":
+        return to_record(state)
+    if wire_dtype == "fp16":
+        return ArrayRecord(
+            {k: state[k].detach().to(torch.float16).contiguous() for k in sorted(state)}
+        )
+    if wire_dtype == "int8":
+        arrays: dict[str, torch.Tensor] = {}
+        for key in sorted(state):
+            arrays[key], arrays[key + SCALE_SUFFIX] = quantize_rows(state[key])
+        return ArrayRecord(arrays)
+    raise ValueError(f"unknown wire dtype {wire_dtype!r}; use one of {WIRE_DTYPES}")
+
+
+def _wire_specs(expected: Mapping[str, ArraySpec], wire_dtype: str) -> dict[str, ArraySpec]:
+    """What the arrays of an update must look like on the wire."""
+    if wire_dtype == "fp32":
+        return dict(expected)
+    if wire_dtype == "fp16":
+        return {k: ArraySpec(s.shape, "float16") for k, s in expected.items()}
+    specs = {}
+    for key, spec in expected.items():
+        specs[key] = ArraySpec(spec.shape, "int8")
+        specs[key + SCALE_SUFFIX] = ArraySpec((scale_count(spec.shape),), "float32")
+    return specs
+
+
+def _decode(
+    record: ArrayRecord, expected: Mapping[str, ArraySpec], wire_dtype: str
+) -> AdapterState:
+    raw = from_record(record)
+    if wire_dtype == "int8":
+        return {k: dequantize_rows(raw[k], raw[k + SCALE_SUFFIX]) for k in expected}
+    return {k: raw[k].to(torch.float32) for k in expected}
 
 
 def recorddict_nbytes(content: RecordDict) -> int:
@@ -59,14 +138,14 @@ def expected_specs(state: AdapterState) -> dict[str, ArraySpec]:
 
 
 def check_update(
-    message: Message, expected: Mapping[str, ArraySpec], max_bytes: int
+    message: Message, expected: Mapping[str, ArraySpec], max_bytes: int, wire_dtype: str = "fp32"
 ) -> tuple[AdapterState | None, str | None]:
-    """Validate one training reply.
+    """Validate one training reply and decode its update to fp32.
 
     Returns ``(state, None)`` for a valid update, or ``(None, reason)``: an error reply,
-    a missing or extra record, a key, shape or dtype that differs from what was sent, a
-    non-finite value, a missing or non-positive example count, or more than
-    ``max_bytes`` of arrays.
+    a missing or extra record, a key, shape or dtype that differs from what was sent
+    (encoded as ``wire_dtype``), a non-finite value, a missing or non-positive example
+    count, or more than ``max_bytes`` of arrays.
     """
     if message.has_error():
         return None, f"client error: {message.error.reason}"
@@ -81,20 +160,21 @@ def check_update(
     if not isinstance(weight, int | float) or not weight > 0:
         return None, f"'{WEIGHT_KEY}' missing or not positive: {weight!r}"
     record = content.array_records[ARRAYS_KEY]
-    keys, want = set(record.keys()), set(expected)
+    wire = _wire_specs(expected, wire_dtype)
+    keys, want = set(record.keys()), set(wire)
     if keys != want:
         extra, missing = sorted(keys - want), sorted(want - keys)
         return None, f"adapter keys differ (missing {missing[:2]}, unexpected {extra[:2]})"
     size = sum(len(record[k].data) for k in record)
     if size > max_bytes:
         return None, f"update of {size} bytes exceeds the bound of {max_bytes}"
-    for key, spec in expected.items():
+    for key, spec in wire.items():
         array = record[key]
         if array.dtype != spec.dtype or tuple(array.shape) != spec.shape:
             got, want = f"{array.dtype}{list(array.shape)}", f"{spec.dtype}{list(spec.shape)}"
             return None, f"{key}: got {got}, expected {want}"
     try:
-        state = from_record(record)
+        state = _decode(record, expected, wire_dtype)
     except Exception as exc:  # noqa: BLE001 - any undecodable payload is a bad reply
         return None, f"undecodable arrays: {exc}"
     for key, tensor in state.items():

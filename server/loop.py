@@ -47,6 +47,7 @@ from fedtune.report import plot_perplexity
 from fedtune.server.grid import DeviceGrid
 from fedtune.strategies import build_strategy
 from fedtune.wire import (
+    ARRAYS_KEY,
     check_update,
     expected_specs,
     from_record,
@@ -237,7 +238,7 @@ def run_federation(
                     ("peak-rss-mb", "peak_rss_mb"),
                 ):
                     event[name] = metric(reply, key)
-                update, reason = check_update(reply, specs, max_bytes)
+                update, reason = check_update(reply, specs, max_bytes, scenario.client.wire_dtype)
                 if update is not None and metric(reply, "round") != rnd:
                     update, reason = None, f"stale round {metric(reply, 'round')!r} (now {rnd})"
                 if update is None:
@@ -245,6 +246,8 @@ def run_federation(
                     tally.rejected += 1
                 else:
                     event["status"] = "ok"
+                    # Strategies aggregate what was validated: the decoded fp32 update.
+                    reply.content[ARRAYS_KEY] = to_record(update)
                     tally.accepted.append((device_grid.client_index(node), reply))
                     if scenario.run.save_updates:
                         _save_update(run_dir, rnd, event["client"], update, event["num_examples"])

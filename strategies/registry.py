@@ -35,6 +35,8 @@ BUILTINS: dict[str, str] = {
     "median": "flwr.serverapp.strategy:FedMedian",
     "trimmed-mean": "flwr.serverapp.strategy:FedTrimmedAvg",
     "krum": "flwr.serverapp.strategy:Krum",
+    "ffa-lora": "fedtune.strategies.ffa_lora:FfaLora",
+    "fedsa-lora": "fedtune.strategies.fedsa_lora:FedSaLora",
 }
 """Built-in names; also declared as entry points in fedtune's own pyproject.
 

@@ -3,6 +3,10 @@
 With ``proximal_mu > 0`` the local loss gets FedProx's proximal term
 ``mu/2 * ||w - w_global||^2`` over the LoRA weights (Li et al., MLSys 2020), where
 ``w_global`` is the adapter as loaded when training starts.
+
+With ``train_only = "A"`` or ``"B"`` only the LoRA weights named ``lora_A`` (or
+``lora_B``) get gradients and optimizer state; the others stay bit for bit as loaded
+(FFA-LoRA, Sun et al., ICLR 2024, trains only B).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 import torch
 
 from fedtune.engines.base import EngineConfig, Update, sample_batches
+from fedtune.errors import ConfigError
 from fedtune.models.lora import adapter_state
 
 
@@ -21,9 +26,13 @@ class BackpropEngine:
     name = "backprop"
 
     def train(self, model: Any, chunks: torch.Tensor, config: EngineConfig) -> Update:
-        params = [p for n, p in model.named_parameters() if "lora_" in n]
-        for p in params:
-            p.requires_grad_(True)
+        marker = "lora_" if config.train_only == "all" else f"lora_{config.train_only}"
+        lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+        params = [p for n, p in lora if marker in n]
+        if not params:
+            raise ConfigError(f"no LoRA weight of the model matches lora-train={config.train_only}")
+        for n, p in lora:
+            p.requires_grad_(marker in n)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         anchors = [p.detach().clone() for p in params] if config.proximal_mu > 0 else []
         batches = sample_batches(len(chunks), config.batch_size, config.local_steps, config.seed)
@@ -44,7 +53,7 @@ class BackpropEngine:
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
         model.eval()
-        for p in params:
+        for _, p in lora:
             p.requires_grad_(False)
         return Update(
             state=adapter_state(model),

@@ -15,6 +15,9 @@ import torch
 from fedtune.errors import ConfigError
 from fedtune.models.lora import AdapterState
 
+TRAIN_ONLY = ("all", "A", "B")
+"""Values of :attr:`EngineConfig.train_only`."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -28,10 +31,17 @@ class EngineConfig:
     """Seeds batch sampling and dropout of this client-round."""
     proximal_mu: float = 0.0
     """FedProx weight ``mu`` of ``mu/2 * ||w - w_global||^2`` on the adapter (0: off)."""
+    train_only: str = "all"
+    """Which LoRA factor is trained: ``all``, ``A`` or ``B`` (the other stays exactly as
+    loaded; FFA-LoRA trains only ``B``)."""
 
     def __post_init__(self) -> None:
         if not self.proximal_mu >= 0:
             raise ConfigError(f"proximal-mu must be >= 0, got {self.proximal_mu!r}")
+        if self.train_only not in TRAIN_ONLY:
+            raise ConfigError(
+                f"lora-train must be one of {', '.join(TRAIN_ONLY)}, got {self.train_only!r}"
+            )
 
 
 @dataclass

@@ -50,3 +50,27 @@ def test_backprop_is_deterministic(tiny_peft, tokenizer):
     second = get_engine("backprop").train(tiny_peft, chunks, cfg)
     assert all(torch.equal(first.state[k], second.state[k]) for k in start)
     assert first.loss == second.loss
+
+
+@pytest.mark.parametrize(("train_only", "frozen"), [("B", "lora_A"), ("A", "lora_B")])
+def test_backprop_trains_only_the_factor_asked_for(tiny_peft, tokenizer, train_only, frozen):
+    from fedtune.data import chunk_tokens
+
+    chunks = chunk_tokens(tokenizer, "Words, words, words. " * 80, 32)
+    sent = adapter_state(tiny_peft)
+    config = EngineConfig(
+        lr=1e-2, local_steps=3, batch_size=2, seed=1, weight_decay=0.1, train_only=train_only
+    )
+    update = get_engine("backprop").train(tiny_peft, chunks, config)
+    assert any(frozen in k for k in sent)
+    for key in sent:
+        if frozen in key:
+            assert torch.equal(update.state[key], sent[key]), key  # bit for bit
+        else:
+            assert not torch.equal(update.state[key], sent[key]), key
+    assert not any(p.requires_grad for p in tiny_peft.parameters())
+
+
+def test_bad_train_only_is_refused():
+    with pytest.raises(ConfigError, match="lora-train must be one of all, A, B, got 'b'"):
+        EngineConfig(lr=1e-2, local_steps=1, batch_size=1, train_only="b")

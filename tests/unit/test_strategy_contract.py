@@ -8,6 +8,10 @@ keep the adapter sent by ``configure_train`` and step from it.
 
 Flower's FedMedian and FedTrimmedAvg consume the arrays of the replies they aggregate
 (``ArrayRecord.pop``), so every aggregation here gets freshly built messages.
+
+The test adapters are named as PEFT names LoRA factors (``...q_proj.lora_A.weight``,
+``...lora_B.weight``): LoRA-aware strategies (``ffa-lora``, ``fedsa-lora``) select the
+factors by name, so they go through the same checks as the others.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ Update = tuple[int, Adapter, int]
 
 
 def _adapter(gen: torch.Generator, scale: float) -> Adapter:
+    # PEFT's names: the LoRA-aware strategies find the factors by them.
     return {
         "layers.0.q_proj.lora_A.weight": scale * torch.randn(4, 8, generator=gen),
         "layers.0.q_proj.lora_B.weight": scale * torch.randn(8, 4, generator=gen),

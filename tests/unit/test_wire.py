@@ -5,7 +5,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 
-from fedtune.wire import check_update, expected_specs, from_record, recorddict_nbytes, to_record
+from fedtune.wire import (
+    check_update,
+    dequantize_rows,
+    encode_update,
+    expected_specs,
+    from_record,
+    quantize_rows,
+    recorddict_nbytes,
+    to_record,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -105,3 +114,74 @@ def test_reply_without_arrays_is_rejected():
     )
     state, why = check(bad)
     assert state is None and "no 'arrays'" in why
+
+
+def test_fp16_wire_round_trip():
+    record = encode_update(STATE, "fp16")
+    assert all(record[k].dtype == "float16" for k in record)
+    state, reason = check_update(reply(record), expected_specs(STATE), 10_000, "fp16")
+    assert reason is None
+    for k in STATE:
+        assert state[k].dtype == torch.float32
+        assert torch.equal(state[k], STATE[k].half().float())
+
+
+def test_int8_rows_error_is_at_most_half_a_step():
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(8, 33, generator=gen) * torch.logspace(-3, 1, 8)[:, None]
+    q, scale = quantize_rows(t)
+    assert q.dtype == torch.int8 and scale.shape == (8,)
+    back = dequantize_rows(q, scale)
+    assert bool(((back - t).abs() <= scale[:, None] / 2 + 1e-7).all())
+    q, scale = quantize_rows(t.T)  # a tall matrix (LoRA B): one scale per column
+    assert scale.shape == (8,)
+    assert bool(((dequantize_rows(q, scale) - t.T).abs() <= scale[None, :] / 2 + 1e-7).all())
+    assert torch.equal(dequantize_rows(*quantize_rows(torch.zeros(2, 3))), torch.zeros(2, 3))
+
+
+def test_int8_wire_round_trip_and_size():
+    big = {"w.lora_A.weight": torch.randn(8, 576), "w.lora_B.weight": torch.randn(576, 8)}
+    specs = expected_specs(big)
+    record = encode_update(big, "int8")
+    assert sorted(record) == sorted([*big, *(k + "::scale" for k in big)])
+    state, reason = check_update(reply(record), specs, 10**7, "int8")
+    assert reason is None
+    for k in big:
+        small_side = 1 if big[k].shape[0] > big[k].shape[1] else 0
+        step = big[k].abs().amax(dim=1 - small_side, keepdim=True) / 127
+        assert bool(((state[k] - big[k]).abs() <= step / 2 + 1e-6).all())
+    fp32 = recorddict_nbytes(RecordDict({"arrays": encode_update(big, "fp32")}))
+    int8 = recorddict_nbytes(RecordDict({"arrays": record}))
+    assert int8 < 0.3 * fp32
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda r: r.pop("a.lora_A.weight::scale"), "keys differ"),
+        (
+            lambda r: r.__setitem__("a.lora_B.weight", Array(np.zeros((4, 2), np.float32))),
+            "expected int8[4, 2]",
+        ),
+        (
+            lambda r: r.__setitem__("a.lora_B.weight::scale", Array(np.ones(4, np.float32))),
+            "expected float32[2]",
+        ),
+        (
+            lambda r: r.__setitem__(
+                "a.lora_B.weight::scale", Array(np.full(2, np.inf, np.float32))
+            ),
+            "non-finite",
+        ),
+    ],
+)
+def test_malformed_int8_updates_are_rejected(mutate, reason):
+    record = encode_update(STATE, "int8")
+    mutate(record)
+    state, why = check_update(reply(record), expected_specs(STATE), 10_000, "int8")
+    assert state is None and reason in why
+
+
+def test_fp32_update_on_an_int8_wire_is_rejected():
+    state, why = check_update(reply(to_record(STATE)), expected_specs(STATE), 10_000, "int8")
+    assert state is None and "keys differ" in why

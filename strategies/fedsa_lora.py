@@ -1,0 +1,80 @@
+"""FedSA-LoRA: share and aggregate LoRA's A; each client keeps its own B.
+
+Pengxin Guo, Shuang Zeng, Yanran Wang, Huijie Fan, Feifei Wang and Liangqiong Qu,
+"Selective Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025
+(arXiv:2410.01463).
+
+The paper finds that the A factors learn what clients have in common and the B
+factors what is particular to each client: A is averaged by the server, B never
+leaves the client's model (a personalised adapter ``(mean A, B_i)`` per client).
+
+Server side (this class): ``configure_train`` tells clients ``"lora-local": "B"``;
+``aggregate_train`` averages the ``lora_A`` tensors (and any other shared adapter
+tensor) weighted by ``num-examples``. Client side: fedtune's ClientApp keeps its B in
+the node's ``context.state`` after training and, from its second round on, puts it
+in place of the B it received (``fedtune.clients.local_state``).
+
+The global B. The server has no client of its own, yet it must return a whole
+adapter: its held-out evaluation scores one, the final ``adapter/`` is one, and a
+client's *first* round starts from the B it receives. That B is the weighted average
+of the clients' B (the same weights as A) — a stand-in that no client trains from once
+it has its own. So the server's perplexity under FedSA-LoRA measures the shared A
+with an averaged B, not the personalised adapters the method optimises; those would
+be scored by federated evaluation on the clients' local held-out text. With the
+weights of A, the returned adapter equals FedAvg's: what makes this FedSA-LoRA is
+that clients ignore the B they receive after their first round.
+
+Clients still upload their B (fedtune validates that a reply has the keys that were
+sent), so bytes up are those of FedAvg, not the paper's A-only upload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedtune.strategies.lora_math import select, unpack_replies, weighted_average
+from fedtune.wire import to_record
+
+LOCAL_KEY = "lora-local"
+"""Train-config key the ClientApp reads: which LoRA factor stays on the client."""
+
+
+class FedSaLora(FedAvg):
+    """FedSA-LoRA (Guo et al., ICLR 2025): A shared and averaged, B kept by each client.
+
+    Parameters are those of :class:`flwr.serverapp.strategy.FedAvg`. The global adapter
+    returned carries the clients' averaged B, for the server's evaluation and for
+    clients in their first round only (see the module docstring).
+    """
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sampling and messages, with ``"lora-local": "B"`` in the config."""
+        config[LOCAL_KEY] = "B"
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The averaged shared tensors (A), plus the averaged B as the global stand-in.
+
+        Returns
+        -------
+        tuple[ArrayRecord | None, MetricRecord | None]
+            The new global adapter (``None`` without valid replies) and the aggregated
+            training metrics.
+        """
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if not valid:
+            return None, None
+        contents = [message.content for message in valid]
+        states, weights = unpack_replies(contents, self.arrayrecord_key, self.weighted_by_key)
+        shared = weighted_average([select(s, ["A", None]) for s in states], weights)
+        global_b = weighted_average([select(s, ["B"]) for s in states], weights)
+        adapter = {**shared, **global_b}
+        return to_record(adapter), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

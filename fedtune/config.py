@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import tomllib
 import types
 import typing
@@ -24,6 +25,8 @@ from typing import Any
 from fedtune.errors import ConfigError
 
 SCENARIO_PACKAGE = "fedtune.simulations"
+NOT_SCENARIOS = {"devices"}
+"""TOML files shipped beside the scenarios that are not scenarios (the device tiers)."""
 DEFAULT_SCENARIO = "quickstart"
 
 
@@ -170,7 +173,13 @@ class RoundConfig:
     min_reports: int = 1
     """A round with fewer valid updates than this is abandoned (adapter unchanged)."""
     deadline_s: float = 600.0
-    """Wall-clock seconds the server waits for replies in a round."""
+    """Round deadline in seconds: wall-clock time, or simulated device time when
+    ``[devices]`` is enabled (then late reports are stragglers, discarded)."""
+    over_selection: float = 0.0
+    """Sample this fraction more clients and keep the first ``clients_per_round``
+    reports (with ``[devices]``: first by simulated arrival)."""
+    timeout_s: float = 600.0
+    """With ``[devices]``: wall-clock seconds the server waits for replies."""
 
     def __post_init__(self) -> None:
         _check(self.clients_per_round >= 1, "round.clients_per_round", "must be at least 1")
@@ -181,6 +190,13 @@ class RoundConfig:
             "must not exceed round.clients_per_round",
         )
         _check(self.deadline_s > 0, "round.deadline_s", "must be positive")
+        _check(self.over_selection >= 0, "round.over_selection", "must be >= 0")
+        _check(self.timeout_s > 0, "round.timeout_s", "must be positive")
+
+    @property
+    def sampled(self) -> int:
+        """Clients sampled per round, over-selection included."""
+        return math.ceil(self.clients_per_round * (1.0 + self.over_selection) - 1e-9)
 
 
 @dataclass(frozen=True)
@@ -211,6 +227,32 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class DevicesConfig:
+    """``[devices]``: simulated device tiers and the simulated clock."""
+
+    enabled: bool = False
+    """Give clients device tiers; deadlines then apply to simulated device time."""
+    profiles: str = "devices"
+    """The tier file: a shipped name (``devices``) or a path."""
+    tiers: tuple[str, ...] = ()
+    """Tier names of the mix (empty: every tier of the file, equally weighted)."""
+    weights: tuple[float, ...] = ()
+    """Relative weight of each tier in ``tiers``."""
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.weights) in (0, len(self.tiers)),
+            "devices.weights",
+            "must give one weight per tier in devices.tiers",
+        )
+        _check(
+            all(w >= 0 for w in self.weights) and (not self.weights or sum(self.weights) > 0),
+            "devices.weights",
+            "must be non-negative with a positive sum",
+        )
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A whole scenario: one field per TOML section."""
 
@@ -223,6 +265,7 @@ class Scenario:
     round: RoundConfig = field(default_factory=RoundConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
 
     def to_toml(self) -> str:
         """Render the resolved scenario as TOML that :func:`load_scenario` reads back."""
@@ -253,6 +296,7 @@ SECTIONS: dict[str, type] = {
     "round": RoundConfig,
     "strategy": StrategyConfig,
     "simulation": SimulationConfig,
+    "devices": DevicesConfig,
 }
 
 
@@ -272,7 +316,7 @@ def shipped_scenarios() -> dict[str, Path]:
     root = resources.files(SCENARIO_PACKAGE)
     found = {}
     for entry in root.iterdir():
-        if entry.name.endswith(".toml") and not entry.name.startswith("_"):
+        if entry.name.endswith(".toml") and entry.name[:-5] not in NOT_SCENARIOS:
             found[entry.name[: -len(".toml")]] = Path(str(entry))
     return dict(sorted(found.items()))
 
@@ -401,11 +445,16 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             f"{source}: '{key}' must be {hint.__name__}, got {type(value).__name__} {value!r}"
         )
     if typing.get_origin(hint) is tuple:
-        if isinstance(value, str):
+        item = typing.get_args(hint)[0]
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
             value = [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if item is float and isinstance(value, list):
+            value = [
+                float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value
+            ]
+        if isinstance(value, list) and all(isinstance(v, item) for v in value):
             return tuple(value)
-        raise ConfigError(f"{source}: '{key}' must be a list of strings, got {value!r}")
+        raise ConfigError(f"{source}: '{key}' must be a list of {item.__name__}, got {value!r}")
     raise TypeError(f"unsupported config field type {hint!r} for {key}")  # a bug, not input
 
 

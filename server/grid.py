@@ -39,6 +39,8 @@ class DeviceGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.nodes: dict[int, NodeInfo] = {}
+        self.available: set[int] | None = None
+        """Nodes eligible this round (None: all); set by the loop from device tiers."""
 
     # -- Grid interface, delegated --------------------------------------------
     def set_run(self, run_id: int) -> None:  # type: ignore[override]
@@ -59,8 +61,9 @@ class DeviceGrid(Grid):
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
-        """Known nodes, ordered by client index (a stable order across runs)."""
-        return [n.node_id for n in sorted(self.nodes.values(), key=lambda n: n.client_index)]
+        """Known (and, if set, available) nodes, in client order: stable across runs."""
+        nodes = sorted(self.nodes.values(), key=lambda n: n.client_index)
+        return [n.node_id for n in nodes if self.available is None or n.node_id in self.available]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -138,6 +141,9 @@ class DeviceGrid(Grid):
         """
         ids = list(self._grid.push_messages(messages))
         pending = set(ids)
+        self.arrival: dict[int, float] = {}
+        """Seconds from sending to each reply, by destination node (last collect)."""
+        started = time.monotonic()
         replies: dict[str, Message] = {}
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
@@ -154,6 +160,7 @@ class DeviceGrid(Grid):
                     continue
                 pending.discard(key)
                 replies[key] = reply
+                self.arrival[reply.metadata.src_node_id] = time.monotonic() - started
                 if on_reply is not None:
                     on_reply(reply)
             if pending:

@@ -44,6 +44,7 @@ from fedtune.models import (
     save_adapter,
 )
 from fedtune.report import plot_perplexity
+from fedtune.server.fleet import Fleet, keep_first_arrivals
 from fedtune.server.grid import DeviceGrid
 from fedtune.strategies import build_strategy
 from fedtune.wire import (
@@ -148,7 +149,10 @@ def run_federation(
         scenario.strategy.name,
         dict(scenario.strategy.params),
         population=len(population.train),
-        clients_per_round=scenario.round.clients_per_round,
+        clients_per_round=scenario.round.sampled,
+    )
+    fleet = (
+        Fleet.from_scenario(scenario, len(population.train)) if scenario.devices.enabled else None
     )
     device_grid = DeviceGrid(grid)
     device_grid.discover(
@@ -158,7 +162,7 @@ def run_federation(
     )
 
     events = EventLog(run_dir / "metrics.jsonl")
-    totals = {"bytes_up": 0, "bytes_down": 0, "rejected": 0, "dropped": 0}
+    totals = {"bytes_up": 0, "bytes_down": 0, "rejected": 0, "dropped": 0, "simulated_seconds": 0.0}
     if resume is None:
         initial = perplexity(model, held_out, scenario.run.eval_batch_size)
         events.write("round", round=0, perplexity=initial, participants=0, wall_seconds=0.0)
@@ -170,8 +174,10 @@ def run_federation(
         history = resume.history
         initial, current = history["initial_perplexity"], history["current_perplexity"]
         completed, first_round = history["rounds_completed"], resume.round + 1
-        totals.update({k: history[k] for k in totals})
+        totals.update({k: history.get(k, 0) for k in totals})
         started -= history.get("wall_seconds", 0.0)  # wall time counts the earlier session(s)
+        if fleet is not None:
+            fleet.footprint_mb = float(history.get("footprint_mb", 0.0))
         log(INFO, "Resuming after round %d (perplexity %.3f)", resume.round, current)
 
     def checkpoint(rnd: int) -> None:
@@ -181,6 +187,7 @@ def run_federation(
             "rounds_completed": completed,
             **totals,
             "wall_seconds": time.perf_counter() - started,
+            "footprint_mb": fleet.footprint_mb if fleet is not None else 0.0,
         }
         save_checkpoint(
             run_dir / "checkpoints",
@@ -204,13 +211,31 @@ def run_federation(
     for rnd in range(first_round, scenario.run.rounds + 1):
         round_started = time.perf_counter()
         config = ConfigRecord({**client_spec(scenario), "round": rnd})
+        if fleet is not None:
+            device_grid.available = fleet.available_nodes(device_grid, rnd, scenario.round.sampled)
         with seeded_global_random(scenario.run.seed, rnd):
             messages = list(strategy.configure_train(rnd, to_record(state), config, device_grid))
         observer.round_started(rnd, len(messages))
 
         tally = RoundTally()
         down = {id(m.content): recorddict_nbytes(m.content) for m in messages}
-        replies = device_grid.collect(messages, scenario.round.deadline_s)
+        wait = scenario.round.timeout_s if fleet is not None else scenario.round.deadline_s
+        judged: list[tuple[dict[str, Any], Message | None, Any]] = []
+        if fleet is not None:  # a device whose memory cannot hold the training is not sent work
+            messages, unfit = fleet.split_unfit(messages, device_grid)
+            for sent, reason in unfit:
+                event = {
+                    "round": rnd,
+                    "node": sent.metadata.dst_node_id,
+                    "client": device_grid.client_index(sent.metadata.dst_node_id),
+                    "engine": scenario.client.engine,
+                    "bytes_down": 0,
+                    "bytes_up": 0,
+                    "status": "dropped",
+                    "reason": reason,
+                }
+                judged.append((event, None, None))
+        replies = device_grid.collect(messages, wait)
         for sent, reply in zip(messages, replies, strict=True):
             node = sent.metadata.dst_node_id
             event = {
@@ -220,17 +245,11 @@ def run_federation(
                 "engine": scenario.client.engine,
                 "bytes_down": down[id(sent.content)],
             }
-            tally.bytes_down += event["bytes_down"]
+            update = None
             if reply is None:
-                event.update(
-                    status="dropped",
-                    reason=f"no reply within {scenario.round.deadline_s} s",
-                    bytes_up=0,
-                )
-                tally.dropped += 1
+                event.update(status="dropped", reason=f"no reply within {wait} s", bytes_up=0)
             else:
                 event["bytes_up"] = recorddict_nbytes(reply.content) if not reply.has_error() else 0
-                tally.bytes_up += event["bytes_up"]
                 for key, name in (
                     ("loss", "loss"),
                     ("num-examples", "num_examples"),
@@ -243,15 +262,31 @@ def run_federation(
                     update, reason = None, f"stale round {metric(reply, 'round')!r} (now {rnd})"
                 if update is None:
                     event.update(status="rejected", reason=reason)
-                    tally.rejected += 1
                 else:
                     event["status"] = "ok"
-                    # Strategies aggregate what was validated: the decoded fp32 update.
-                    reply.content[ARRAYS_KEY] = to_record(update)
-                    tally.accepted.append((device_grid.client_index(node), reply))
-                    if scenario.run.save_updates:
-                        _save_update(run_dir, rnd, event["client"], update, event["num_examples"])
-                    tally.losses.append(float(event["loss"]))
+            judged.append((event, reply, update))
+
+        # The round policy: device dropouts, then stragglers past the deadline and
+        # surplus over-selected reports, on simulated time (or on arrival time).
+        if fleet is not None:
+            fleet.apply(judged, scenario, rnd)
+        else:
+            keep_first_arrivals(judged, device_grid.arrival, scenario.round.clients_per_round)
+
+        for event, reply, update in judged:
+            tally.bytes_down += event["bytes_down"]
+            tally.bytes_up += event["bytes_up"]
+            if event["status"] == "ok":
+                # Strategies aggregate what was validated: the decoded fp32 update.
+                reply.content[ARRAYS_KEY] = to_record(update)
+                tally.accepted.append((event["client"], reply))
+                tally.losses.append(float(event["loss"]))
+                if scenario.run.save_updates:
+                    _save_update(run_dir, rnd, event["client"], update, event["num_examples"])
+            elif event["status"] == "rejected":
+                tally.rejected += 1
+            else:
+                tally.dropped += 1
             events.write("client_update", **event)
             observer.client_done(rnd, event)
 
@@ -276,7 +311,7 @@ def run_federation(
                 current = perplexity(model, held_out, scenario.run.eval_batch_size)
                 completed = rnd
 
-        for key in totals:
+        for key in ("bytes_up", "bytes_down", "rejected", "dropped"):
             totals[key] += getattr(tally, key)
         round_event = events.write(
             "round",
@@ -292,7 +327,10 @@ def run_federation(
             bytes_down=tally.bytes_down,
             wall_seconds=time.perf_counter() - round_started,
             server_peak_rss_mb=peak_rss_mb(),
+            **(fleet.round_fields(judged, scenario) if fleet is not None else {}),
         )
+        if fleet is not None:
+            totals["simulated_seconds"] += round_event["simulated_seconds"]
         checkpoint(rnd)
         observer.round_ended(round_event)
         log(INFO, "Round %d: perplexity %.3f (%d updates)", rnd, current, len(accepted))
@@ -311,6 +349,7 @@ def run_federation(
         "bytes_down": totals["bytes_down"],
         "clients_rejected": totals["rejected"],
         "clients_dropped": totals["dropped"],
+        **({"simulated_seconds": totals["simulated_seconds"]} if fleet is not None else {}),
         "population": len(population.train),
         "wall_seconds": time.perf_counter() - started,
         "server_peak_rss_mb": peak_rss_mb(),

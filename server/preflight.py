@@ -30,17 +30,22 @@ def preflight(scenario: Scenario) -> int:
     for client in population.train:
         client_train_chunks(tokenizer, client, scenario.data, scenario.client.seq_len)
     eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
-    if scenario.round.clients_per_round > len(population.train):
+    if scenario.round.sampled > len(population.train):
         raise FedtuneError(
-            f"round.clients_per_round = {scenario.round.clients_per_round} exceeds the "
-            f"{len(population.train)} training clients: lower it or raise data.num_clients"
+            f"round.clients_per_round = {scenario.round.clients_per_round} (with over-selection "
+            f"{scenario.round.sampled}) exceeds the {len(population.train)} training clients: "
+            "lower it or raise data.num_clients"
         )
     build_strategy(
         scenario.strategy.name,
         dict(scenario.strategy.params),
         population=len(population.train),
-        clients_per_round=scenario.round.clients_per_round,
+        clients_per_round=scenario.round.sampled,
     )
+    if scenario.devices.enabled:
+        from fedtune.server.fleet import Fleet
+
+        Fleet.from_scenario(scenario, len(population.train))
     return len(population.train)
 
 

@@ -1,0 +1,149 @@
+"""The simulated fleet in the round loop: tiers per client, availability, the clock.
+
+Glue between :mod:`fedtune.devices` (pure tier maths) and the loop: which nodes are
+available in a round, each report's simulated seconds and tier, the round policy on
+simulated time, and the round's per-tier fields.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from logging import WARNING
+from typing import Any
+
+from flwr.common.logger import log
+
+from fedtune.config import Scenario
+from fedtune.devices import (
+    Tier,
+    assign_tiers,
+    drops_out,
+    is_available,
+    load_tiers,
+    round_policy,
+    simulated_seconds,
+)
+from fedtune.errors import ConfigError
+
+Judged = list[tuple[dict[str, Any], Any, Any]]
+"""(client_update event, reply, decoded update) per sampled client."""
+
+
+@dataclass
+class Fleet:
+    """Tier of every client and the seed of every device draw."""
+
+    tiers: dict[str, Tier]
+    client_tier: list[str]
+    seed: int
+    footprint_mb: float = 0.0
+    """Peak memory of a training client in this run, as measured (0 until known)."""
+
+    @classmethod
+    def from_scenario(cls, scenario: Scenario, population: int) -> Fleet:
+        tiers = load_tiers(scenario.devices.profiles)
+        names = list(scenario.devices.tiers) or list(tiers)
+        unknown = [n for n in names if n not in tiers]
+        if unknown:
+            raise ConfigError(
+                f"'devices.tiers' names {unknown[0]!r}, not in {scenario.devices.profiles} "
+                f"(tiers there: {', '.join(tiers)})"
+            )
+        weights = list(scenario.devices.weights) or [1.0] * len(names)
+        return cls(tiers, assign_tiers(population, names, weights), scenario.run.seed)
+
+    def tier_of(self, client: int) -> Tier:
+        return self.tiers[self.client_tier[client]]
+
+    def available_nodes(self, grid: Any, rnd: int, needed: int) -> set[int] | None:
+        """Nodes whose device is available this round.
+
+        None (every node) when fewer than ``needed`` are: Flower's sampling would wait
+        forever for more nodes than the grid lists.
+        """
+        grid.available = None
+        up = set()
+        for node in grid.get_node_ids():
+            client = grid.client_index(node)
+            if is_available(self.tier_of(client), self.seed, rnd, client):
+                up.add(node)
+        if len(up) < needed:
+            log(
+                WARNING,
+                "Round %d: only %d devices available, %d needed; ignoring availability",
+                rnd,
+                len(up),
+                needed,
+            )
+            return None
+        return up
+
+    def split_unfit(self, messages: list[Any], grid: Any) -> tuple[list[Any], list[Any]]:
+        """Messages to devices that can hold the training, and (message, reason) for the
+        rest. The footprint is the largest client peak memory measured so far in this
+        run (the process's peak RSS), so nothing is refused before the first reports."""
+        keep, unfit = [], []
+        for message in messages:
+            tier = self.tier_of(grid.client_index(message.metadata.dst_node_id))
+            if self.footprint_mb and tier.memory_mb < self.footprint_mb:
+                reason = (
+                    f"does not fit: training needs ~{self.footprint_mb:.0f} MB, "
+                    f"{tier.name} has {tier.memory_mb:.0f} MB"
+                )
+                unfit.append((message, reason))
+            else:
+                keep.append(message)
+        return keep, unfit
+
+    def apply(self, judged: Judged, scenario: Scenario, rnd: int) -> None:
+        """Tier, simulated seconds, dropouts, stragglers and surplus, in place."""
+        reports = []
+        for event, _, _ in judged:
+            tier = self.tier_of(event["client"])
+            event["tier"] = tier.name
+            if event["status"] != "ok":
+                continue
+            if event.get("peak_rss_mb"):
+                self.footprint_mb = max(self.footprint_mb, float(event["peak_rss_mb"]))
+            event["simulated_seconds"] = simulated_seconds(
+                tier, event["bytes_down"], event["bytes_up"], float(event["compute_seconds"])
+            )
+            if drops_out(tier, self.seed, rnd, event["client"]):
+                event.update(status="dropped", reason=f"dropped out mid-round ({tier.name})")
+                continue
+            reports.append((event["client"], event["simulated_seconds"]))
+        _, discarded = round_policy(
+            reports, scenario.round.deadline_s, scenario.round.clients_per_round
+        )
+        for event, _, _ in judged:
+            if event["client"] in discarded and event["status"] == "ok":
+                event.update(status="dropped", reason=discarded[event["client"]])
+
+    def round_fields(self, judged: Judged, scenario: Scenario) -> dict[str, Any]:
+        """Simulated duration and per-tier participation of a round."""
+        kept = [e for e, _, _ in judged if e["status"] == "ok"]
+        # The round ends with its last kept report when the quorum filled; otherwise
+        # the server waited until the deadline.
+        if len(kept) >= scenario.round.clients_per_round:
+            duration = max(e["simulated_seconds"] for e in kept)
+        else:
+            duration = scenario.round.deadline_s
+        return {
+            "simulated_seconds": duration,
+            "participants_by_tier": dict(sorted(Counter(e["tier"] for e in kept).items())),
+            "sampled_by_tier": dict(sorted(Counter(e["tier"] for e, _, _ in judged).items())),
+        }
+
+
+def keep_first_arrivals(judged: Judged, arrival: dict[int, float], keep: int) -> None:
+    """Without a fleet: of valid reports, keep the first ``keep`` by real arrival."""
+    reports = [
+        (e["client"], arrival.get(e["node"], 0.0)) for e, _, _ in judged if e["status"] == "ok"
+    ]
+    _, discarded = round_policy(reports, float("inf"), keep)
+    for event, _, _ in judged:
+        if event["client"] in discarded:
+            event.update(status="dropped", reason=discarded[event["client"]])
+    if discarded:
+        log(WARNING, "Over-selection: %d surplus reports discarded", len(discarded))

@@ -1,0 +1,82 @@
+"""The shipped phones scenario: a fleet of tiers on a simulated clock."""
+
+from __future__ import annotations
+
+import json
+
+from fedtune.metrics import read_events
+
+from ..conftest import run_cli
+
+
+def test_phones_scenario_reports_tiers_and_simulated_time(tmp_path):
+    out = tmp_path / "phones"
+    result = run_cli("simulate", "phones", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["simulated_seconds"] > 0 and summary["clients_dropped"] > 0
+    rounds = [r for r in read_events(out / "metrics.jsonl", "round") if r["round"] > 0]
+    updates = list(read_events(out / "metrics.jsonl", "client_update"))
+    for r in rounds:
+        assert r["sampled"] == 12  # 8 per round with 50 % over-selection
+        assert sum(r["sampled_by_tier"].values()) == 12
+        if r["status"] == "ok":
+            assert r["participants"] <= 8
+            assert sum(r["participants_by_tier"].values()) == r["participants"]
+            kept = [u for u in updates if u["round"] == r["round"] and u["status"] == "ok"]
+            if r["participants"] == 8:  # the quorum filled: the round ends at its last report
+                assert r["simulated_seconds"] == max(u["simulated_seconds"] for u in kept)
+            else:  # the server waited for the deadline
+                assert r["simulated_seconds"] == 0.6
+    assert {u["tier"] for u in updates} <= {
+        "flagship-phone",
+        "mid-phone",
+        "low-phone",
+        "raspberry-pi",
+        "jetson",
+    }
+    for u in updates:
+        if u["status"] == "dropped":
+            assert u["reason"]
+        if u["status"] == "ok":
+            assert u["simulated_seconds"] <= 0.6  # the deadline on simulated time
+
+
+def test_a_device_too_small_for_the_training_is_not_sent_work(tmp_path):
+    tiers = tmp_path / "tiers.toml"
+    tiers.write_text(
+        "[tiers.watch]\nslowdown = 1\nmemory_mb = 100\nuplink_mbps = 10\ndownlink_mbps = 10\n"
+        "availability = 1\ndropout = 0\n\n"
+        "[tiers.board]\nslowdown = 1\nmemory_mb = 64000\nuplink_mbps = 10\ndownlink_mbps = 10\n"
+        "availability = 1\ndropout = 0\n"
+    )
+    out = tmp_path / "run"
+    result = run_cli(
+        "simulate",
+        "phones",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--set",
+        f"devices.profiles={tiers}",
+        "--set",
+        'devices.tiers=["watch", "board"]',
+        "--set",
+        "devices.weights=[1, 1]",
+        "--set",
+        "round.deadline_s=100",
+        "--set",
+        "round.min_reports=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    updates = list(read_events(out / "metrics.jsonl", "client_update"))
+    first = [u for u in updates if u["round"] == 1]
+    later = [u for u in updates if u["round"] > 1]
+    # Round 1 measures the footprint (nothing is refused before it is known) ...
+    assert not any("does not fit" in u.get("reason", "") for u in first)
+    # ... then a 100 MB watch is never sent work again, and says why.
+    watches = [u for u in later if u["tier"] == "watch"]
+    assert watches and all(u["status"] == "dropped" for u in watches)
+    assert all(u["reason"].startswith("does not fit: training needs ~") for u in watches)
+    assert all(u["bytes_down"] == 0 and u["bytes_up"] == 0 for u in watches)
+    assert any(u["status"] == "ok" for u in later if u["tier"] == "board")

@@ -15,6 +15,7 @@ def plot_perplexity(run_dir: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     rounds = list(read_events(run_dir / "metrics.jsonl", "round"))
@@ -22,6 +23,7 @@ def plot_perplexity(run_dir: Path) -> Path:
     ys = [r["perplexity"] for r in rounds if r.get("perplexity") is not None]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(xs, ys, marker="o")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (0 = before training)")
     ax.set_ylabel("held-out perplexity")
     ax.set_title(run_dir.name)

@@ -93,13 +93,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedtune", description="Federated fine-tuning of small language models."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("simulate", help="run a scenario on Flower's simulation engine")
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """SCENARIO, --set, --out and --resume: shared by ``simulate`` and ``serve``."""
     p.add_argument(
         "scenario",
         nargs="?",
@@ -120,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted run from its last good checkpoint",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune", description="Federated fine-tuning of small language models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="run a scenario on Flower's simulation engine")
+    _add_run_arguments(p)
     p.add_argument(
         "--allow-config-change",
         action="store_true",
@@ -130,20 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("serve", help="run a scenario on a Flower SuperLink with real SuperNodes")
-    p.add_argument(
-        "scenario",
-        nargs="?",
-        default=None,
-        help="a shipped scenario name or a .toml path (default: quickstart)",
-    )
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<time>-<scenario>)")
-    p.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR",
-        help="continue an interrupted run from its last good checkpoint",
-    )
+    _add_run_arguments(p)
     p.add_argument(
         "--superlink",
         default="127.0.0.1:8000",

@@ -41,6 +41,8 @@ class DeviceGrid(Grid):
         self.nodes: dict[int, NodeInfo] = {}
         self.available: set[int] | None = None
         """Nodes eligible this round (None: all); set by the loop from device tiers."""
+        self.arrival: dict[int, float] = {}
+        """Seconds from sending to each reply, by source node (the last ``collect``)."""
 
     # -- Grid interface, delegated --------------------------------------------
     def set_run(self, run_id: int) -> None:  # type: ignore[override]
@@ -141,8 +143,7 @@ class DeviceGrid(Grid):
         """
         ids = list(self._grid.push_messages(messages))
         pending = set(ids)
-        self.arrival: dict[int, float] = {}
-        """Seconds from sending to each reply, by destination node (last collect)."""
+        self.arrival = {}
         started = time.monotonic()
         replies: dict[str, Message] = {}
         deadline = time.monotonic() + timeout

@@ -208,6 +208,17 @@ def run_federation(
     observer.run_started(scenario, initial)
     log(INFO, "Held-out perplexity before round 1: %.3f", initial)
 
+    def new_event(sent: Message, rnd: int, bytes_down: int) -> dict[str, Any]:
+        """The fields every client_update event of a sent message has."""
+        node = sent.metadata.dst_node_id
+        return {
+            "round": rnd,
+            "node": node,
+            "client": device_grid.client_index(node),
+            "engine": scenario.client.engine,
+            "bytes_down": bytes_down,
+        }
+
     for rnd in range(first_round, scenario.run.rounds + 1):
         round_started = time.perf_counter()
         config = ConfigRecord({**client_spec(scenario), "round": rnd})
@@ -224,27 +235,12 @@ def run_federation(
         if fleet is not None:  # a device whose memory cannot hold the training is not sent work
             messages, unfit = fleet.split_unfit(messages, device_grid)
             for sent, reason in unfit:
-                event = {
-                    "round": rnd,
-                    "node": sent.metadata.dst_node_id,
-                    "client": device_grid.client_index(sent.metadata.dst_node_id),
-                    "engine": scenario.client.engine,
-                    "bytes_down": 0,
-                    "bytes_up": 0,
-                    "status": "dropped",
-                    "reason": reason,
-                }
+                event = new_event(sent, rnd, 0)
+                event.update(bytes_up=0, status="dropped", reason=reason)
                 judged.append((event, None, None))
         replies = device_grid.collect(messages, wait)
         for sent, reply in zip(messages, replies, strict=True):
-            node = sent.metadata.dst_node_id
-            event = {
-                "round": rnd,
-                "node": node,
-                "client": device_grid.client_index(node),
-                "engine": scenario.client.engine,
-                "bytes_down": down[id(sent.content)],
-            }
+            event = new_event(sent, rnd, down[id(sent.content)])
             update = None
             if reply is None:
                 event.update(status="dropped", reason=f"no reply within {wait} s", bytes_up=0)

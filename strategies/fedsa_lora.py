@@ -9,10 +9,10 @@ factors what is particular to each client: A is averaged by the server, B never
 leaves the client's model (a personalised adapter ``(mean A, B_i)`` per client).
 
 Server side (this class): ``configure_train`` tells clients ``"lora-local": "B"``;
-``aggregate_train`` averages the ``lora_A`` tensors (and any other shared adapter
-tensor) weighted by ``num-examples``. Client side: fedtune's ClientApp keeps its B in
-the node's ``context.state`` after training and, from its second round on, puts it
-in place of the B it received (``fedtune.clients.local_state``).
+``aggregate_train`` is FedAvg's, unchanged: it averages every tensor weighted by
+``num-examples`` (see "The global B" below for why B is averaged too). Client side:
+fedtune's ClientApp keeps its B in the node's ``context.state`` after training and,
+from its second round on, puts it in place of the B it received (``fedtune.clients.local_state``).
 
 The global B. The server has no client of its own, yet it must return a whole
 adapter: its held-out evaluation scores one, the final ``adapter/`` is one, and a
@@ -32,12 +32,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-
-from fedtune.strategies.lora_math import select, unpack_replies, weighted_average
-from fedtune.wire import to_record
 
 LOCAL_KEY = "lora-local"
 """Train-config key the ClientApp reads: which LoRA factor stays on the client."""
@@ -57,24 +54,3 @@ class FedSaLora(FedAvg):
         """FedAvg's sampling and messages, with ``"lora-local": "B"`` in the config."""
         config[LOCAL_KEY] = "B"
         return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The averaged shared tensors (A), plus the averaged B as the global stand-in.
-
-        Returns
-        -------
-        tuple[ArrayRecord | None, MetricRecord | None]
-            The new global adapter (``None`` without valid replies) and the aggregated
-            training metrics.
-        """
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
-        if not valid:
-            return None, None
-        contents = [message.content for message in valid]
-        states, weights = unpack_replies(contents, self.arrayrecord_key, self.weighted_by_key)
-        shared = weighted_average([select(s, ["A", None]) for s in states], weights)
-        global_b = weighted_average([select(s, ["B"]) for s in states], weights)
-        adapter = {**shared, **global_b}
-        return to_record(adapter), self.train_metrics_aggr_fn(contents, self.weighted_by_key)

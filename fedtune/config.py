@@ -63,6 +63,8 @@ class ModelConfig:
     """Dtype of the frozen base weights and of the forward pass: ``fp32`` or ``bf16``."""
     num_layers: int = 0
     """Keep only the first N decoder layers (0 keeps all): a cheap, real, smaller model."""
+    quantization: str = "none"
+    """Quantized frozen decoder: ``none``, ``int8`` (torchao), ``nf4`` (bnb), ``int4`` (HQQ)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
@@ -72,6 +74,11 @@ class ModelConfig:
             f"must be 'fp32' or 'bf16', got {self.compute_dtype!r}",
         )
         _check(self.num_layers >= 0, "model.num_layers", "must be >= 0")
+        _check(
+            self.quantization in ("none", "int8", "nf4", "int4"),
+            "model.quantization",
+            f"must be 'none', 'int8', 'nf4' or 'int4', got {self.quantization!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -238,6 +245,9 @@ class DevicesConfig:
     """Tier names of the mix (empty: every tier of the file, equally weighted)."""
     weights: tuple[float, ...] = ()
     """Relative weight of each tier in ``tiers``."""
+    tier_ranks: bool = True
+    """Clients train at their tier's ``lora_rank`` where it sets one (needs a strategy
+    that mixes ranks: flora, hetlora, flexlora); false: every client at ``lora.r``."""
 
     def __post_init__(self) -> None:
         _check(
@@ -250,6 +260,100 @@ class DevicesConfig:
             "devices.weights",
             "must be non-negative with a positive sum",
         )
+
+
+ATTACKS = ("sign-flip",)
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """``[attack]``: Byzantine clients, to test how an aggregation rule holds up."""
+
+    fraction: float = 0.0
+    """Share of the training clients that attack: a fixed set drawn from the run seed
+    (0: none)."""
+    kind: str = "sign-flip"
+    """``sign-flip``: reply ``w_global - scale * (w_trained - w_global)``, the client's
+    own update reversed and magnified."""
+    scale: float = 10.0
+    """Magnitude of the attack."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.fraction <= 1.0, "attack.fraction", "must be in [0, 1]")
+        _check(
+            self.kind in ATTACKS,
+            "attack.kind",
+            f"must be one of {', '.join(ATTACKS)}, got {self.kind!r}",
+        )
+        _check(self.scale > 0, "attack.scale", "must be positive")
+
+
+PRIVACY_MODES = ("none", "central", "local")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """``[privacy]``: differential privacy and secure aggregation of client updates."""
+
+    mode: str = "none"
+    """``none``; ``central`` (user-level DP-FedAvg: the clipped updates' sum gets Gaussian
+    noise, ε accounted per round); ``local`` (each client clips and noises its own)."""
+    noise_multiplier: float = 1.0
+    """Noise standard deviation over ``clip``."""
+    clip: float = 1.0
+    """L2 bound of one client's update (trained minus received adapter); the first bound
+    when ``adaptive``; with secure aggregation, also the quantization range."""
+    target_delta: float = 1e-5
+    """δ of the reported (ε, δ); must be below 1 / population."""
+    max_epsilon: float = 0.0
+    """Privacy budget: a round that would take ε past it is refused and the run ends
+    (0: no budget)."""
+    adaptive: bool = False
+    """``central`` only: the bound follows a quantile of the update norms (Andrew et al.)."""
+    target_quantile: float = 0.5
+    """Adaptive clipping: the share of updates meant to fall within the bound."""
+    clip_lr: float = 0.2
+    """Adaptive clipping: step size of the bound's geometric update."""
+    count_noise: float = 0.0
+    """Adaptive clipping: noise std on the count of unclipped updates (0:
+    ``round.clients_per_round / 20``, as Andrew et al. suggest)."""
+    secure_aggregation: bool = False
+    """SecAgg+: the server learns only the sum of the clients' (clipped) updates."""
+    secagg_neighbours: int = 0
+    """SecAgg+: peers each client shares keys with, an even number (0: every other)."""
+    secagg_threshold: float = 0.6
+    """SecAgg+: share of a client's peers (itself included) needed to unmask it."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.mode in PRIVACY_MODES,
+            "privacy.mode",
+            f"must be one of {', '.join(PRIVACY_MODES)}, got {self.mode!r}",
+        )
+        _check(self.noise_multiplier > 0, "privacy.noise_multiplier", "must be positive")
+        _check(self.clip > 0, "privacy.clip", "must be positive")
+        _check(0 < self.target_delta < 1, "privacy.target_delta", "must be in (0, 1)")
+        _check(self.max_epsilon >= 0, "privacy.max_epsilon", "must be >= 0 (0: no budget)")
+        _check(
+            not self.adaptive or self.mode == "central",
+            "privacy.adaptive",
+            f"needs privacy.mode = 'central', got {self.mode!r}",
+        )
+        _check(0 < self.target_quantile < 1, "privacy.target_quantile", "must be in (0, 1)")
+        _check(self.clip_lr > 0, "privacy.clip_lr", "must be positive")
+        _check(self.count_noise >= 0, "privacy.count_noise", "must be >= 0")
+        _check(
+            not (self.secure_aggregation and self.mode == "local"),
+            "privacy.secure_aggregation",
+            "does not combine with privacy.mode = 'local' (use 'central': the server adds "
+            "the noise to the securely aggregated sum)",
+        )
+        _check(
+            self.secagg_neighbours >= 0 and self.secagg_neighbours % 2 == 0,
+            "privacy.secagg_neighbours",
+            "must be 0 or a positive even number",
+        )
+        _check(0 < self.secagg_threshold <= 1, "privacy.secagg_threshold", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -266,6 +370,8 @@ class Scenario:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_toml(self) -> str:
         """Render the resolved scenario as TOML that :func:`load_scenario` reads back."""
@@ -297,6 +403,8 @@ SECTIONS: dict[str, type] = {
     "strategy": StrategyConfig,
     "simulation": SimulationConfig,
     "devices": DevicesConfig,
+    "attack": AttackConfig,
+    "privacy": PrivacyConfig,
 }
 
 
@@ -482,7 +590,7 @@ def _toml_value(value: Any) -> str:
 
 # ------------------------------------------------------------- what clients are told
 
-CLIENT_SECTIONS = ("model", "lora", "data", "client")
+CLIENT_SECTIONS = ("model", "lora", "data", "client", "attack")
 
 
 def client_spec(scenario: Scenario) -> dict[str, Any]:

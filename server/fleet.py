@@ -7,6 +7,7 @@ simulated time, and the round's per-tier fields.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from logging import WARNING
@@ -51,10 +52,30 @@ class Fleet:
                 f"(tiers there: {', '.join(tiers)})"
             )
         weights = list(scenario.devices.weights) or [1.0] * len(names)
+        if not scenario.devices.tier_ranks:
+            tiers = {n: dataclasses.replace(t, lora_rank=0) for n, t in tiers.items()}
+        for tier in tiers.values():
+            if tier.lora_rank > scenario.lora.r:
+                raise ConfigError(
+                    f"tier {tier.name!r} has lora_rank = {tier.lora_rank} > lora.r = "
+                    f"{scenario.lora.r}: lora.r is the global adapter's rank, the largest"
+                )
         return cls(tiers, assign_tiers(population, names, weights), scenario.run.seed)
 
     def tier_of(self, client: int) -> Tier:
         return self.tiers[self.client_tier[client]]
+
+    def rank_of(self, client: int, global_rank: int) -> int:
+        """The LoRA rank ``client`` trains: its tier's, or the global rank."""
+        return self.tier_of(client).lora_rank or global_rank
+
+    def mixed_ranks(self, global_rank: int) -> dict[str, int]:
+        """Tiers in use whose rank differs from ``global_rank``, with their rank."""
+        return {
+            name: tier.lora_rank
+            for name, tier in self.tiers.items()
+            if name in set(self.client_tier) and tier.lora_rank not in (0, global_rank)
+        }
 
     def available_nodes(self, grid: Any, rnd: int, needed: int) -> set[int] | None:
         """Nodes whose device is available this round.

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 
+from fedtune.attacks import attackers
 from fedtune.checkpoint import Checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from fedtune.config import Scenario, client_spec
 from fedtune.data import build_population, eval_chunks
@@ -43,12 +45,16 @@ from fedtune.models import (
     load_tokenizer,
     save_adapter,
 )
+from fedtune.privacy.strategy import wrap_private
 from fedtune.report import plot_perplexity
 from fedtune.server.fleet import Fleet, keep_first_arrivals
 from fedtune.server.grid import DeviceGrid
 from fedtune.strategies import build_strategy
+from fedtune.strategies.lora_math import truncate
+from fedtune.strategies.ranks import RANK_KEY, require_mixed_ranks
 from fedtune.wire import (
     ARRAYS_KEY,
+    CONFIG_KEY,
     check_update,
     expected_specs,
     from_record,
@@ -113,6 +119,23 @@ def aggregate_in_client_order(strategy: Any, rnd: int, accepted: list[tuple[int,
     return arrays
 
 
+def with_rank(message: Message, strategy: Any, rank: int) -> Message:
+    """``message`` for a client that trains at LoRA ``rank``: the strategy's
+    ``download`` of the adapter and ``"lora-rank"`` in the config (a new content: the
+    strategy's messages share one)."""
+    content = RecordDict(dict(message.content.items()))
+    key = next(iter(message.content.array_records))
+    content[key] = strategy.download(message.content.array_records[key], rank)
+    content[CONFIG_KEY] = ConfigRecord(
+        {**message.content.config_records[CONFIG_KEY], RANK_KEY: rank}
+    )
+    return Message(
+        content=content,
+        message_type=message.metadata.message_type,
+        dst_node_id=message.metadata.dst_node_id,
+    )
+
+
 def run_federation(
     grid: Grid,
     scenario: Scenario,
@@ -139,7 +162,10 @@ def run_federation(
     tokenizer = load_tokenizer(scenario.model.name)
     held_out = eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
     base = load_base_model(
-        scenario.model.name, scenario.model.compute_dtype, scenario.model.num_layers
+        scenario.model.name,
+        scenario.model.compute_dtype,
+        scenario.model.num_layers,
+        scenario.model.quantization,
     )
     model = attach_lora(base, scenario.lora, seed=scenario.run.seed)
     state = adapter_state(model)
@@ -154,6 +180,18 @@ def run_federation(
     fleet = (
         Fleet.from_scenario(scenario, len(population.train)) if scenario.devices.enabled else None
     )
+    attacking = attackers(len(population.train), scenario.attack, scenario.run.seed)
+    global_rank = scenario.lora.r
+    mixed = fleet.mixed_ranks(global_rank) if fleet is not None else {}
+    require_mixed_ranks(strategy, scenario.strategy.name, mixed, global_rank)
+    private = wrap_private(strategy, scenario, len(population.train))  # None without [privacy]
+    strategy = private or strategy
+
+    def rank_of(message: Message) -> int:
+        if not mixed:
+            return global_rank
+        return fleet.rank_of(device_grid.client_index(message.metadata.dst_node_id), global_rank)
+
     device_grid = DeviceGrid(grid)
     device_grid.discover(
         expected=expected_nodes or len(population.train),
@@ -211,12 +249,15 @@ def run_federation(
     def new_event(sent: Message, rnd: int, bytes_down: int) -> dict[str, Any]:
         """The fields every client_update event of a sent message has."""
         node = sent.metadata.dst_node_id
+        client = device_grid.client_index(node)
         return {
             "round": rnd,
             "node": node,
-            "client": device_grid.client_index(node),
+            "client": client,
             "engine": scenario.client.engine,
             "bytes_down": bytes_down,
+            **({"attacker": client in attacking} if attacking else {}),
+            **({"lora_rank": rank_of(sent)} if mixed else {}),
         }
 
     for rnd in range(first_round, scenario.run.rounds + 1):
@@ -224,8 +265,19 @@ def run_federation(
         config = ConfigRecord({**client_spec(scenario), "round": rnd})
         if fleet is not None:
             device_grid.available = fleet.available_nodes(device_grid, rnd, scenario.round.sampled)
-        with seeded_global_random(scenario.run.seed, rnd):
-            messages = list(strategy.configure_train(rnd, to_record(state), config, device_grid))
+        try:
+            with seeded_global_random(scenario.run.seed, rnd):
+                messages = list(
+                    strategy.configure_train(rnd, to_record(state), config, device_grid)
+                )
+        except PrivacyBudgetExhausted as exc:  # refused before any client trains
+            log(INFO, "Round %d refused, the run ends: %s", rnd, exc)
+            break
+        if mixed:
+            messages = [
+                m if rank_of(m) == global_rank else with_rank(m, strategy, rank_of(m))
+                for m in messages
+            ]
         observer.round_started(rnd, len(messages))
 
         tally = RoundTally()
@@ -253,7 +305,11 @@ def run_federation(
                     ("peak-rss-mb", "peak_rss_mb"),
                 ):
                     event[name] = metric(reply, key)
-                update, reason = check_update(reply, specs, max_bytes, scenario.client.wire_dtype)
+                rank = rank_of(sent)
+                expected = specs if rank == global_rank else expected_specs(truncate(state, rank))
+                update, reason = check_update(
+                    reply, expected, max_bytes, scenario.client.wire_dtype
+                )
                 if update is not None and metric(reply, "round") != rnd:
                     update, reason = None, f"stale round {metric(reply, 'round')!r} (now {rnd})"
                 if update is None:
@@ -324,6 +380,7 @@ def run_federation(
             wall_seconds=time.perf_counter() - round_started,
             server_peak_rss_mb=peak_rss_mb(),
             **(fleet.round_fields(judged, scenario) if fleet is not None else {}),
+            **(private.round_fields() if private is not None else {}),
         )
         if fleet is not None:
             totals["simulated_seconds"] += round_event["simulated_seconds"]
@@ -347,6 +404,7 @@ def run_federation(
         "clients_dropped": totals["dropped"],
         **({"simulated_seconds": totals["simulated_seconds"]} if fleet is not None else {}),
         "population": len(population.train),
+        **({"privacy": private.privacy_summary()} if private is not None else {}),
         "wall_seconds": time.perf_counter() - started,
         "server_peak_rss_mb": peak_rss_mb(),
     }

@@ -20,6 +20,7 @@ def preflight(scenario: Scenario) -> int:
     from fedtune.engines import get_engine
     from fedtune.models import load_tokenizer, model_dir
     from fedtune.models.base import TINY
+    from fedtune.privacy.strategy import wrap_private
     from fedtune.strategies import build_strategy
 
     get_engine(scenario.client.engine)
@@ -36,16 +37,20 @@ def preflight(scenario: Scenario) -> int:
             f"{scenario.round.sampled}) exceeds the {len(population.train)} training clients: "
             "lower it or raise data.num_clients"
         )
-    build_strategy(
+    strategy = build_strategy(
         scenario.strategy.name,
         dict(scenario.strategy.params),
         population=len(population.train),
         clients_per_round=scenario.round.sampled,
     )
+    wrap_private(strategy, scenario, len(population.train))  # refuses contradicting [privacy]
     if scenario.devices.enabled:
         from fedtune.server.fleet import Fleet
+        from fedtune.strategies.ranks import require_mixed_ranks
 
-        Fleet.from_scenario(scenario, len(population.train))
+        fleet = Fleet.from_scenario(scenario, len(population.train))
+        mixed = fleet.mixed_ranks(scenario.lora.r)
+        require_mixed_ranks(strategy, scenario.strategy.name, mixed, scenario.lora.r)
     return len(population.train)
 
 

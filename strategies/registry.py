@@ -37,6 +37,9 @@ BUILTINS: dict[str, str] = {
     "krum": "flwr.serverapp.strategy:Krum",
     "ffa-lora": "fedtune.strategies.ffa_lora:FfaLora",
     "fedsa-lora": "fedtune.strategies.fedsa_lora:FedSaLora",
+    "flora": "fedtune.strategies.flora:Flora",
+    "hetlora": "fedtune.strategies.hetlora:HetLora",
+    "flexlora": "fedtune.strategies.flexlora:FlexLora",
 }
 """Built-in names; also declared as entry points in fedtune's own pyproject.
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from fedtune.engines.backprop import BackpropEngine
 from fedtune.engines.base import Engine, EngineConfig, Update, sample_batches
+from fedtune.engines.forward import ForwardEngine
+from fedtune.engines.zeroth import ZerothEngine
 from fedtune.errors import ConfigError
 
-ENGINES: dict[str, type] = {"backprop": BackpropEngine}
+ENGINES: dict[str, type] = {
+    "backprop": BackpropEngine,
+    "forward": ForwardEngine,
+    "zeroth": ZerothEngine,
+}
 
 
 def get_engine(name: str) -> Engine:

@@ -12,11 +12,16 @@ from typing import Any, Protocol
 
 import torch
 
+from fedtune.engines.seeds import SeedStep
 from fedtune.errors import ConfigError
 from fedtune.models.lora import AdapterState
 
 TRAIN_ONLY = ("all", "A", "B")
 """Values of :attr:`EngineConfig.train_only`."""
+DERIVATIVES = ("jvp", "fd")
+"""Values of :attr:`EngineConfig.forward_derivative`."""
+OPTIMIZERS = ("sgd", "adamw")
+"""Values of :attr:`EngineConfig.forward_optimizer`."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,27 @@ class EngineConfig:
     train_only: str = "all"
     """Which LoRA factor is trained: ``all``, ``A`` or ``B`` (the other stays exactly as
     loaded; FFA-LoRA trains only ``B``)."""
+    eps: float = 1e-2
+    """Perturbation size of two-point finite differences (``zeroth``; ``forward`` with
+    ``forward_derivative = "fd"``). 1e-2 suits fp32 and bf16 compute alike; bf16 needs
+    at least that much to rise above its rounding noise."""
+    num_seeds: int = 4096
+    """K, the size of the ``zeroth`` engine's seed pool (FedKSeed's default)."""
+    run_seed: int = 0
+    """The run's seed: fixes the seed pool, which the server and all clients share."""
+    perturbations: int = 4
+    """``forward``: directions drawn per step before the variance check."""
+    max_perturbations: int = 16
+    """``forward``: at most this many directions per step."""
+    variance_threshold: float = 0.0
+    """``forward``: draw more directions while the estimated variance of the gradient
+    estimate (mean over its values) exceeds this; 0 always draws ``max_perturbations``."""
+    forward_derivative: str = "jvp"
+    """``forward``: directional derivative by ``jvp`` (exact, forward-mode AD) or ``fd``
+    (two-point finite difference with ``eps``, forward passes only)."""
+    forward_optimizer: str = "sgd"
+    """``forward``: the optimizer that applies the estimated gradient, ``sgd`` or
+    ``adamw``."""
 
     def __post_init__(self) -> None:
         if not self.proximal_mu >= 0:
@@ -41,6 +67,27 @@ class EngineConfig:
         if self.train_only not in TRAIN_ONLY:
             raise ConfigError(
                 f"lora-train must be one of {', '.join(TRAIN_ONLY)}, got {self.train_only!r}"
+            )
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be positive, got {self.eps!r}")
+        if self.num_seeds < 1:
+            raise ConfigError(f"num-seeds must be at least 1, got {self.num_seeds!r}")
+        if not 1 <= self.perturbations <= self.max_perturbations:
+            raise ConfigError(
+                "need 1 <= perturbations <= max-perturbations, got "
+                f"{self.perturbations!r} and {self.max_perturbations!r}"
+            )
+        if not self.variance_threshold >= 0:
+            raise ConfigError(f"variance-threshold must be >= 0, got {self.variance_threshold!r}")
+        if self.forward_derivative not in DERIVATIVES:
+            raise ConfigError(
+                f"forward-derivative must be one of {', '.join(DERIVATIVES)}, "
+                f"got {self.forward_derivative!r}"
+            )
+        if self.forward_optimizer not in OPTIMIZERS:
+            raise ConfigError(
+                f"forward-optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                f"got {self.forward_optimizer!r}"
             )
 
 
@@ -56,6 +103,10 @@ class Update:
     """Mean training loss over the local steps."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Engine-specific numbers (first and last step loss, ...)."""
+    seed_steps: list[SeedStep] | None = None
+    """Seed-only engines (``zeroth``): the (seed index, scalar) of each local step, in
+    order; :func:`fedtune.engines.seeds.replay` of them on the starting adapter gives
+    :attr:`state` bit for bit. None for other engines."""
 
 
 class Engine(Protocol):

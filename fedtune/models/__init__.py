@@ -12,11 +12,15 @@ from fedtune.models.lora import (
     adapter_state,
     attach_lora,
     load_adapter_state,
+    merged_into_base,
+    reset_adapter,
     save_adapter,
 )
+from fedtune.models.quantization import QUANTIZATIONS, quantize_base
 
 __all__ = [
     "AdapterState",
+    "QUANTIZATIONS",
     "adapter_state",
     "attach_lora",
     "cache_dir",
@@ -24,6 +28,9 @@ __all__ = [
     "load_adapter_state",
     "load_base_model",
     "load_tokenizer",
+    "merged_into_base",
     "model_dir",
+    "quantize_base",
+    "reset_adapter",
     "save_adapter",
 ]

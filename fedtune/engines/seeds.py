@@ -1,0 +1,138 @@
+"""Seed-only updates: FedKSeed's seed pool, perturbations rebuilt from a seed, and replay.
+
+FedKSeed (Qin et al., "Federated Full-Parameter Tuning of Billion-Sized Language
+Models with Communication Cost under 18 Kilobytes", ICML 2024) runs MeZO-style
+zeroth-order steps whose perturbation is drawn from one of K seeds fixed for the run.
+A local step is then just ``(seed index, projected-gradient scalar)``: anyone who
+holds the starting adapter and the pool can redo it.
+
+A perturbation ``z(seed)`` has one independent ±1 entry per adapter value (Rademacher,
+as in Spall's SPSA, rather than MeZO's Gaussian): ``E[z zᵀ] = I`` just the same, with
+lower variance, and it is built from integer bits, so any platform regenerates it bit
+for bit. The bits are PCG64's raw output (numpy's ``PCG64(seed)``), read little-endian,
+one bit per value, over the adapter's ``(name, shape)`` list in sorted-name order.
+
+:func:`apply_step` is the one update rule, ``w <- w - lr * g * z``, used by the zeroth
+engine itself and by :func:`replay`. The scalar ``g`` is rounded to fp32 (as it
+travels) and ``lr * g`` to fp32 before use; since ``z`` is ±1 the product is exact,
+so ``w - c * z`` rounds once, identically with or without fused multiply-add. Replaying
+a client's steps on the adapter it started from therefore gives its final adapter bit
+for bit: the adapter as sent, since PEFT keeps LoRA weights in fp32 on a bf16 base too.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fedtune.models.lora import AdapterState
+
+SeedStep = tuple[int, float]
+"""One zeroth-order step: (index into the seed pool, projected-gradient scalar)."""
+Spec = tuple[str, tuple[int, ...]]
+"""An adapter tensor's name and shape."""
+
+
+def seed_pool(run_seed: int, k: int) -> list[int]:
+    """The run's K perturbation seeds (uint32), fixed by ``run_seed`` alone."""
+    if k < 1:
+        raise ValueError(f"a seed pool needs at least one seed, got k={k}")
+    return [int(s) for s in np.random.SeedSequence(run_seed).generate_state(k, dtype=np.uint32)]
+
+
+def trained_keys(state: AdapterState, train_only: str = "all") -> list[str]:
+    """The sorted adapter keys a step changes: every LoRA factor, or only ``A`` or ``B``."""
+    marker = "lora_" if train_only == "all" else f"lora_{train_only}"
+    return sorted(k for k in state if marker in k)
+
+
+def perturbation(seed: int, specs: Sequence[Spec]) -> dict[str, torch.Tensor]:
+    """``z(seed)``: a ±1 fp32 tensor per ``(name, shape)``, in the order given."""
+    sizes = [math.prod(shape) for _, shape in specs]
+    words = np.random.PCG64(seed).random_raw(-(-sum(sizes) // 64))
+    bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
+    signs = torch.from_numpy(bits[: sum(sizes)].astype(np.float32) * 2.0 - 1.0)
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    for (name, shape), size in zip(specs, sizes, strict=True):
+        out[name] = signs[start : start + size].view(shape)
+        start += size
+    return out
+
+
+def apply_step(
+    state: AdapterState, keys: Sequence[str], seed: int, scalar: float, lr: float
+) -> None:
+    """``w <- w - lr * scalar * z(seed)`` on ``state[keys]`` (fp32), in place."""
+    z = perturbation(seed, [(k, tuple(state[k].shape)) for k in keys])
+    step = float(np.float32(lr * scalar))
+    for key in keys:
+        state[key].sub_(z[key], alpha=step)
+
+
+def replay(
+    state: AdapterState,
+    steps: Sequence[SeedStep],
+    pool: Sequence[int],
+    lr: float,
+    train_only: str = "all",
+) -> AdapterState:
+    """The adapter after ``steps`` from ``state`` (which is left unchanged)."""
+    out = {k: v.detach().to(torch.float32).clone() for k, v in state.items()}
+    keys = trained_keys(out, train_only)
+    for index, scalar in steps:
+        apply_step(out, keys, pool[index], scalar, lr)
+    return out
+
+
+def aggregate_steps(
+    histories: Sequence[Sequence[SeedStep]], weights: Sequence[float]
+) -> list[SeedStep]:
+    """FedKSeed's aggregation: the weighted mean of the clients' updates as one step per
+    seed index used (scalars of the same seed add up), sorted by index.
+
+    Replaying the result applies ``sum_c w_c/W * sum_j g_cj z_cj``, the weighted mean of
+    the clients' updates (exactly so up to fp32 rounding).
+    """
+    if len(histories) != len(weights) or not histories:
+        raise ValueError("need one positive weight per client history")
+    total = float(sum(weights))
+    if not total > 0:
+        raise ValueError(f"weights must sum to a positive number, got {total}")
+    sums: dict[int, float] = {}
+    for steps, weight in zip(histories, weights, strict=True):
+        for index, scalar in steps:
+            sums[index] = sums.get(index, 0.0) + scalar * weight / total
+    return [(index, float(np.float32(sums[index]))) for index in sorted(sums)]
+
+
+def encode_steps(steps: Sequence[SeedStep]) -> bytes:
+    """Steps on the wire: ``n`` little-endian int32 seed indices, then ``n`` fp32 scalars."""
+    n = len(steps)
+    return struct.pack(f"<{n}i{n}f", *(i for i, _ in steps), *(g for _, g in steps))
+
+
+def decode_steps(data: bytes) -> list[SeedStep]:
+    """Inverse of :func:`encode_steps` (exact: the scalars are fp32 already)."""
+    if len(data) % 8:
+        raise ValueError(f"encoded seed steps must be 8 bytes each, got {len(data)} bytes")
+    n = len(data) // 8
+    values = struct.unpack(f"<{n}i{n}f", data)
+    return [(int(i), float(g)) for i, g in zip(values[:n], values[n:], strict=True)]
+
+
+def steps_nbytes(count: int) -> int:
+    """Bytes of ``count`` encoded steps (4 for the index, 4 for the scalar)."""
+    return 8 * count
+
+
+def history_is_smaller(count: int, state: AdapterState, bytes_per_value: float = 4.0) -> bool:
+    """Whether ``count`` seed steps are fewer bytes than the adapter itself (fp32 by
+    default; 2 for fp16), i.e. whether a client behind by that many steps should
+    download the history and replay it rather than the adapter."""
+    adapter_bytes = bytes_per_value * sum(v.numel() for v in state.values())
+    return steps_nbytes(count) < adapter_bytes

@@ -1,0 +1,79 @@
+"""The client's side of privacy: a Flower mod around the ClientApp's train function.
+
+After training, the mod turns the reply into what may leave the device, as the server's
+:class:`~fedtune.privacy.strategy.PrivateAggregation` asked in the train config:
+
+- ``"privacy-clip"`` (always, when privacy is on): the update — the adapter trained minus
+  the adapter received, on the LoRA factors the client trains (``"lora-train"``) — is
+  clipped to that L2 norm;
+- ``"privacy-noise"`` (local DP): ``N(0, (sigma C)^2)`` is added to every value of it;
+- a ``"secagg"`` record (secure aggregation): the clipped update is quantized and masked
+  (:func:`fedtune.privacy.secagg.mask_update`) and travels in place of the adapter.
+
+Otherwise the reply carries the received adapter plus the (clipped, noised) update,
+encoded as ``client.wire_dtype`` asks. A reply that is an error or does not decode is
+passed on untouched: the server's validation rejects it with its reason.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import Context, Message, MetricRecord
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedtune.engines.seeds import trained_keys
+from fedtune.privacy.clipping import add_noise, clip, difference, secret_generator
+from fedtune.privacy.secagg import COUNT_KEY, RECORD, mask_update
+from fedtune.wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    check_update,
+    encode_update,
+    expected_specs,
+    from_record,
+    to_record,
+)
+
+CLIP_KEY = "privacy-clip"
+"""Train-config key: the L2 bound of the update (set by the server each round)."""
+NOISE_KEY = "privacy-noise"
+"""Train-config key: the local noise multiplier (local DP only)."""
+TRAIN_KEY = "lora-train"
+"""Train-config key of the LoRA factor a client trains (FFA-LoRA: ``B``)."""
+NO_SIZE_BOUND = 1 << 62
+
+
+def privacy_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip, noise or mask the trained update before it leaves the client."""
+    reply = call_next(message, context)
+    config = dict(message.content.config_records[CONFIG_KEY])
+    if CLIP_KEY not in config or reply.has_error():
+        return reply
+    received = from_record(message.content.array_records[ARRAYS_KEY])
+    wire = str(config.get("client.wire_dtype", "fp32"))
+    trained, _ = check_update(reply, expected_specs(received), NO_SIZE_BOUND, wire)
+    if trained is None:
+        return reply
+    bound = float(config[CLIP_KEY])
+    keys = trained_keys(received, str(config.get(TRAIN_KEY, "all")))
+    update, unclipped = clip(difference(trained, received, keys), bound)
+    noise = float(config.get(NOISE_KEY, 0.0))
+    if noise > 0:
+        update = add_noise(update, noise * bound, secret_generator())
+
+    if RECORD in message.content.config_records:
+        full = {k: update.get(k, torch.zeros_like(received[k])) for k in sorted(received)}
+        masked = mask_update(context, message, [v.numpy() for v in full.values()], int(unclipped))
+        reply.content[ARRAYS_KEY] = to_record(
+            {
+                k: torch.from_numpy(v.astype("float32"))
+                for k, v in zip(full, masked[:-1], strict=True)
+            }
+        )
+        metrics = dict(reply.content.metric_records[METRICS_KEY])
+        reply.content[METRICS_KEY] = MetricRecord({**metrics, COUNT_KEY: int(masked[-1][0])})
+    else:
+        released = {**received, **{k: received[k] + update[k] for k in keys}}
+        reply.content[ARRAYS_KEY] = encode_update(released, wire)
+    return reply

@@ -151,11 +151,20 @@ def utility(out: Path, base: list[str]) -> None:
     sample = int(setting(base, "round.clients_per_round"))
     rounds = int(setting(base, "run.rounds"))
     print(f"Held-out perplexity after {rounds} rounds; δ = {DELTA}.\n")
-    print("| strategy | ε | noise multiplier | clip (median norm) | perplexity | ÷ no DP |")
-    print("|---|---|---|---|---|---|")
+    columns = [
+        "strategy",
+        "ε",
+        "noise multiplier σ",
+        "clip C (median norm)",
+        "noise std per value of the mean, σC/m",
+        "perplexity",
+        "÷ no DP",
+    ]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for strategy in STRATEGIES:
         plain = summary_of(run(out, f"{strategy}-nodp", [*base, f"strategy.name={strategy!r}"]))
-        print(f"| {strategy} | ∞ (no DP) | — | — | {plain['final_perplexity']:.2f} | 1.000 |")
+        print(f"| {strategy} | ∞ (no DP) | — | — | — | {plain['final_perplexity']:.2f} | 1.000 |")
         bound = median_update_norm(base, "B" if strategy == "ffa-lora" else "all")
         for epsilon in EPSILONS:
             sigma = noise_for(epsilon, population, sample, rounds)
@@ -170,9 +179,10 @@ def utility(out: Path, base: list[str]) -> None:
             summary = summary_of(run(out, f"{strategy}-eps{epsilon:g}", settings))
             spent = summary["privacy"]["epsilon"]
             ppl = summary["final_perplexity"]
+            noise = sigma * bound / sample
             print(
-                f"| {strategy} | {spent:.2f} | {sigma:.3f} | {bound:.4f} | {ppl:.2f} "
-                f"| {ppl / plain['final_perplexity']:.3f} |"
+                f"| {strategy} | {spent:.2f} | {sigma:.3f} | {bound:.4f} | {noise:.4f} "
+                f"| {ppl:.5g} | {ppl / plain['final_perplexity']:.4g} |"
             )
     print(f"\nInitial perplexity: {plain['initial_perplexity']:.2f}")
 

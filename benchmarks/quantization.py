@@ -1,16 +1,15 @@
-"""Quantized frozen bases on SmolLM2-135M: a client's memory and step time, the adapter's
-bytes, and held-out perplexity after a real federated run, for every
-``model.quantization`` × ``model.compute_dtype``.
+"""Quantized frozen bases on SmolLM2-135M: client memory, step time, bytes, perplexity.
 
-For each combination, in a fresh subprocess (so peak RSS is that combination's own):
-load and quantize the base, attach LoRA r=8 on q,v, run backprop steps of 4×128 tokens
-of a real Shakespeare client through the backprop engine, and report peak RSS, resident
-memory after loading, the median step time, and the protobuf size of the trained
-adapter per ``client.wire_dtype``. Then ``fedtune simulate quickstart`` with the same
-two settings gives the held-out perplexity. Prints a Markdown table for
-``benchmarks/RESULTS.md``, with ratios to none/fp32.
+For each ``model.quantization`` × ``model.compute_dtype`` combination, in a fresh
+subprocess (so peak RSS is that combination's own): load and quantize the base, attach
+LoRA r=8 on q,v, run backprop steps of 4×128 tokens of a real Shakespeare client through
+the backprop engine, and report peak RSS, resident memory after loading, the median
+step time, and the protobuf size of the trained adapter per ``client.wire_dtype``.
+Then ``fedtune simulate quickstart`` with the same two settings gives the held-out
+perplexity. Prints a Markdown table for ``benchmarks/RESULTS.md``, with ratios to
+none/fp32.
 
-    .venv/bin/python benchmarks/quantization.py            # ~25 min on 2 cores
+    .venv/bin/python benchmarks/quantization.py            # 8 quickstart runs: ~20 min idle
     .venv/bin/python benchmarks/quantization.py --quick    # 2 layers, 1 round: a smoke run
 """
 

@@ -128,28 +128,27 @@ def test_jvp_matches_backprop_gradient_along_the_direction(tiny_peft, chunks):
 @pytest.mark.parametrize(
     ("engine", "settings"),
     [
-        ("zeroth", {"lr": 1e-2}),
-        ("forward", {"lr": 3e-3, "perturbations": 2, "max_perturbations": 4}),
-        ("forward", {"lr": 1e-2, "forward_derivative": "fd", "max_perturbations": 4}),
+        ("zeroth", {}),
+        ("forward", {}),
+        ("forward", {"forward_derivative": "fd"}),
     ],
 )
 def test_gradient_free_engines_lower_the_loss(tiny_peft, chunks, engine, settings):
     before = _loss(tiny_peft, chunks)
-    config = EngineConfig(local_steps=12, batch_size=2, seed=0, **settings)
+    config = EngineConfig(
+        lr=3e-2, local_steps=8, batch_size=2, perturbations=2, max_perturbations=2, **settings
+    )
     update = get_engine(engine).train(tiny_peft, chunks, config)
     after = _loss(tiny_peft, chunks)
-    print(engine, settings, before, after)
-    assert after < before - 5e-3, (before, after)
-    assert update.num_examples == 24
-    if engine == "forward":
-        assert 2 <= update.metrics["perturbations-per-step"] <= 4
+    assert after < before - 0.02, (before, after)  # 10.84 -> 10.79..10.81 when written
+    assert update.num_examples == 16
 
 
 @pytest.mark.parametrize("engine", ["zeroth", "forward"])
 def test_same_seed_same_update(tiny_peft, chunks, engine):
     start = adapter_state(tiny_peft)
     config = EngineConfig(
-        lr=1e-2, local_steps=3, batch_size=2, seed=5, perturbations=2, max_perturbations=2
+        lr=1e-2, local_steps=2, batch_size=2, seed=5, perturbations=2, max_perturbations=2
     )
     first = get_engine(engine).train(tiny_peft, chunks, config)
     load_adapter_state(tiny_peft, start)
@@ -162,7 +161,7 @@ def test_same_seed_same_update(tiny_peft, chunks, engine):
 
 
 def test_forward_variance_control_adds_directions_up_to_the_cap(tiny_peft, chunks):
-    base = {"lr": 1e-3, "local_steps": 2, "batch_size": 2, "perturbations": 2}
+    base = {"lr": 1e-3, "local_steps": 1, "batch_size": 2, "perturbations": 2}
     fixed = get_engine("forward").train(
         tiny_peft, chunks, EngineConfig(**base, max_perturbations=5, variance_threshold=1e9)
     )
@@ -171,7 +170,8 @@ def test_forward_variance_control_adds_directions_up_to_the_cap(tiny_peft, chunk
         tiny_peft, chunks, EngineConfig(**base, max_perturbations=5, variance_threshold=0.0)
     )
     assert capped.metrics["perturbations-per-step"] == 5
-    assert capped.metrics["forward-passes"] == 10
+    assert capped.metrics["forward-passes"] == 5
+    assert capped.metrics["variance-mean"] > 0
 
 
 @pytest.mark.parametrize("engine", ["zeroth", "forward"])

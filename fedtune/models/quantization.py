@@ -20,10 +20,12 @@ Only the decoder's Linear layers (attention and MLP projections) are quantized; 
 embeddings and ``lm_head`` (tied to them in SmolLM2: 28 M of its 135 M parameters) stay
 in ``compute_dtype``, so the logits keep their precision. Those decoder weights then
 take a quarter (int8) or a sixth to an eighth (4-bit, scales included) of their fp32
-size. But the layers still compute in ``compute_dtype`` (most dequantize the weight on
-the fly, in the forward and again in the backward), and at small batches activations
-and the vocabulary logits dominate a training step's peak memory: the peak falls far
-less than the weights (measured in ``benchmarks/RESULTS.md``).
+size. A client's peak memory does not fall with them (measured in
+``benchmarks/RESULTS.md``): the base is loaded in ``compute_dtype`` before it is
+quantized, the layers still compute in ``compute_dtype``, at small batches activations
+and the vocabulary logits dominate a step, and torchao's weight-only int8 linear runs
+above autograd, which saves a full-precision copy of each weight for the backward
+(bitsandbytes and HQQ save the packed weight and dequantize again in the backward).
 """
 
 from __future__ import annotations

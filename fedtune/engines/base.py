@@ -41,8 +41,9 @@ class EngineConfig:
     loaded; FFA-LoRA trains only ``B``)."""
     eps: float = 1e-2
     """Perturbation size of two-point finite differences (``zeroth``; ``forward`` with
-    ``forward_derivative = "fd"``). 1e-2 suits fp32 and bf16 compute alike; bf16 needs
-    at least that much to rise above its rounding noise."""
+    ``forward_derivative = "fd"``). 1e-2 suits fp32 and bf16 compute alike: on
+    SmolLM2-135M it is within 3-8% of the exact slope in fp32 (1e-3: 0.1%), while in
+    bf16 anything below 1e-2 drowns in rounding (1e-3: off by 86-1400%)."""
     num_seeds: int = 4096
     """K, the size of the ``zeroth`` engine's seed pool (FedKSeed's default)."""
     run_seed: int = 0
@@ -51,9 +52,11 @@ class EngineConfig:
     """``forward``: directions drawn per step before the variance check."""
     max_perturbations: int = 16
     """``forward``: at most this many directions per step."""
-    variance_threshold: float = 0.0
+    variance_threshold: float = 0.05
     """``forward``: draw more directions while the estimated variance of the gradient
-    estimate (mean over its values) exceeds this; 0 always draws ``max_perturbations``."""
+    estimate (mean over its values; it needs two directions) exceeds this. 0 always
+    draws ``max_perturbations``. With 4 directions SmolLM2-135M's estimate measured
+    0.05-0.09 (LoRA r=8 on q, v; 4 x 128 tokens), so early steps draw a few more."""
     forward_derivative: str = "jvp"
     """``forward``: directional derivative by ``jvp`` (exact, forward-mode AD) or ``fd``
     (two-point finite difference with ``eps``, forward passes only)."""

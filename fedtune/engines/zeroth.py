@@ -62,22 +62,24 @@ class ZerothEngine:
         losses: list[float] = []
         model.eval()
         with torch.no_grad():
-            for index, pick in zip(batches, picks.tolist(), strict=True):
-                input_ids = chunks[index]
-                z = perturbation(pool[pick], specs)
-                plus = _loss_at(model, params, master, z, config.eps, input_ids)
-                minus = _loss_at(model, params, master, z, -config.eps, input_ids)
-                slope = (plus - minus) / (2 * config.eps)
-                if anchor:
-                    slope += config.proximal_mu * sum(
-                        float(((master[k] - anchor[k]) * z[k]).sum()) for k in keys
-                    )
-                scalar = float(np.float32(slope))  # as it travels: replay sees this value
-                apply_step(master, keys, pool[pick], scalar, config.lr)
-                steps.append((pick, scalar))
-                losses.append((plus + minus) / 2)
-            for key in keys:
-                params[key].copy_(master[key])
+            try:
+                for index, pick in zip(batches, picks.tolist(), strict=True):
+                    input_ids = chunks[index]
+                    z = perturbation(pool[pick], specs)
+                    plus = _loss_at(model, params, master, z, config.eps, input_ids)
+                    minus = _loss_at(model, params, master, z, -config.eps, input_ids)
+                    slope = (plus - minus) / (2 * config.eps)
+                    if anchor:
+                        slope += config.proximal_mu * sum(
+                            float(((master[k] - anchor[k]) * z[k]).sum()) for k in keys
+                        )
+                    scalar = float(np.float32(slope))  # as it travels: replay sees this
+                    apply_step(master, keys, pool[pick], scalar, config.lr)
+                    steps.append((pick, scalar))
+                    losses.append((plus + minus) / 2)
+            finally:  # never leave the model on a perturbed point
+                for key in keys:
+                    params[key].copy_(master[key])
         return Update(
             state=master,
             num_examples=config.local_steps * config.batch_size,

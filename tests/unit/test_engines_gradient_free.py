@@ -108,6 +108,19 @@ def test_replaying_the_seed_steps_rebuilds_the_zeroth_adapter_bit_for_bit(
     assert all(torch.equal(held[k], update.state[k]) for k in held)
 
 
+def test_zeroth_proximal_term_enters_the_scalars_and_still_replays(tiny_peft, chunks):
+    start = adapter_state(tiny_peft)
+    plain = EngineConfig(lr=3e-2, local_steps=3, batch_size=2, seed=2)
+    first = get_engine("zeroth").train(tiny_peft, chunks, plain)
+    load_adapter_state(tiny_peft, start)
+    proximal = dataclasses.replace(plain, proximal_mu=10.0)
+    update = get_engine("zeroth").train(tiny_peft, chunks, proximal)
+    assert first.seed_steps[0] == update.seed_steps[0]  # at w_global the term is 0
+    assert first.seed_steps[1:] != update.seed_steps[1:]
+    rebuilt = replay(start, update.seed_steps, seed_pool(0, plain.num_seeds), 3e-2)
+    assert all(torch.equal(rebuilt[k], update.state[k]) for k in start)
+
+
 def test_jvp_matches_backprop_gradient_along_the_direction(tiny_peft, chunks):
     params = {n: p for n, p in sorted(tiny_peft.named_parameters()) if "lora_" in n}
     direction = perturbation(5, [(n, tuple(p.shape)) for n, p in params.items()])

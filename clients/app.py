@@ -26,13 +26,23 @@ from fedtune.config import (
     scenario_from_client_spec,
 )
 from fedtune.data import build_population, client_train_chunks
-from fedtune.engines import EngineConfig, get_engine
+from fedtune.engines import EngineConfig, default_eps, get_engine
 from fedtune.errors import DataError
-from fedtune.metrics import peak_rss_mb
+from fedtune.metrics import peak_rss_mb, reset_peak_rss
 from fedtune.privacy.mod import privacy_mod
 from fedtune.privacy.secagg import ACTION as SECAGG_ACTION
 from fedtune.privacy.secagg import handle_stage
-from fedtune.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, encode_update, from_record
+from fedtune.wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ENGINE_KEY,
+    METRICS_KEY,
+    SEEDS_KEY,
+    WEIGHT_KEY,
+    encode_update,
+    from_record,
+    seeds_to_record,
+)
 
 PARTITION_KEY = "partition-id"
 INFO_KEY = "info"
@@ -100,10 +110,19 @@ def secagg(message: Message, context: Context) -> Message:
 
 @app.train(mods=[privacy_mod])  # clips, noises or masks the update as the server asks
 def train(message: Message, context: Context) -> Message:
-    """Load the global adapter, train it locally, reply with the update and metrics."""
+    """Load the global adapter, train it locally, reply with the update and metrics.
+
+    A backprop or forward client replies with its adapter; a zeroth-order client with
+    its seed steps only (:data:`~fedtune.wire.SEEDS_KEY`), from which the server
+    replays the adapter. A zeroth client may also receive, instead of the adapter, the
+    seed steps that take the global adapter it kept to the current one (FedKSeed's
+    catch-up, :func:`fedtune.clients.seed_history.catch_up`).
+    """
     from fedtune.clients.local_state import keep_local, restore_local
+    from fedtune.clients.seed_history import catch_up, keep_global
     from fedtune.models import adapter_state, load_adapter_state, merged_into_base, reset_adapter
 
+    reset_peak_rss()
     index = client_index(context)
     config = message.content.config_records[CONFIG_KEY]
     scenario = scenario_from_client_spec(dict(config))
@@ -113,23 +132,19 @@ def train(message: Message, context: Context) -> Message:
     rank = int(config.get("lora-rank", scenario.lora.r))
     model = _model(scenario.model, scenario.lora, scenario.run.seed, rank)
     local = str(config.get("lora-local", "none"))  # a LoRA factor this node keeps (FedSA-LoRA)
-    received = from_record(message.content.array_records[ARRAYS_KEY])
-    seed = int(np.random.SeedSequence([scenario.run.seed, rnd, index]).generate_state(1)[0])
-    settings = EngineConfig(
-        lr=scenario.client.lr,
-        local_steps=scenario.client.local_steps,
-        batch_size=scenario.client.batch_size,
-        weight_decay=scenario.client.weight_decay,
-        seed=seed,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        train_only=str(config.get("lora-train", "all")),
-    )
-    engine = get_engine(scenario.client.engine)
+    settings = engine_settings(scenario, config, index, rnd)
+    engine_name = str(config.get(ENGINE_KEY, scenario.client.engine))  # "auto" picks per tier
+    if SEEDS_KEY in message.content.array_records:
+        received = catch_up(context, config, message.content.array_records[SEEDS_KEY], settings)
+    else:
+        received = from_record(message.content.array_records[ARRAYS_KEY])
+    keep_global(context, config, received)
+    engine = get_engine(engine_name)
     started = time.perf_counter()
     if config.get("lora-fresh", False):
         # FLoRA: the global adapter joins the base weights; a fresh adapter trains on top.
         with merged_into_base(model, received, scenario.lora.alpha / scenario.lora.r):
-            reset_adapter(model, seed)
+            reset_adapter(model, settings.seed)
             start = adapter_state(model)
             update = engine.train(model, chunks, settings)
     else:
@@ -137,7 +152,8 @@ def train(message: Message, context: Context) -> Message:
         start = adapter_state(model)
         update = engine.train(model, chunks, settings)
     keep_local(context, update.state, local)
-    if index in _attackers(scenario.data, scenario.attack, scenario.run.seed):
+    attacker = index in _attackers(scenario.data, scenario.attack, scenario.run.seed)
+    if attacker:
         update.state = attack_update(start, update.state, scenario.attack)
     metrics = MetricRecord(
         {
@@ -150,12 +166,33 @@ def train(message: Message, context: Context) -> Message:
             **update.metrics,
         }
     )
-    return Message(
-        RecordDict(
-            {
-                ARRAYS_KEY: encode_update(update.state, scenario.client.wire_dtype),
-                METRICS_KEY: metrics,
-            }
-        ),
-        reply_to=message,
+    if update.seed_steps is not None:  # seed-only upload: 8 bytes a step
+        steps = update.seed_steps
+        if attacker:  # the same attack on the steps: w_g - scale * (w - w_g)
+            steps = [(i, float(np.float32(-scenario.attack.scale * g))) for i, g in steps]
+        payload = {SEEDS_KEY: seeds_to_record(steps)}
+    else:
+        payload = {ARRAYS_KEY: encode_update(update.state, scenario.client.wire_dtype)}
+    return Message(RecordDict({**payload, METRICS_KEY: metrics}), reply_to=message)
+
+
+def engine_settings(scenario: Any, config: Any, index: int, rnd: int) -> EngineConfig:
+    """The engine's arguments for this client-round, seeded per (run seed, round, client)."""
+    client = scenario.client
+    return EngineConfig(
+        lr=client.lr,
+        local_steps=client.local_steps,
+        batch_size=client.batch_size,
+        weight_decay=client.weight_decay,
+        seed=int(np.random.SeedSequence([scenario.run.seed, rnd, index]).generate_state(1)[0]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        train_only=str(config.get("lora-train", "all")),
+        eps=client.eps or default_eps(scenario.model.compute_dtype),
+        num_seeds=client.num_seeds,
+        run_seed=scenario.run.seed,
+        perturbations=client.perturbations,
+        max_perturbations=client.max_perturbations,
+        variance_threshold=client.variance_threshold,
+        forward_derivative=client.forward_derivative,
+        forward_optimizer=client.forward_optimizer,
     )

@@ -28,6 +28,8 @@ SCENARIO_PACKAGE = "fedtune.simulations"
 NOT_SCENARIOS = {"devices"}
 """TOML files shipped beside the scenarios that are not scenarios (the device tiers)."""
 DEFAULT_SCENARIO = "quickstart"
+ENGINES = ("backprop", "forward", "zeroth", "auto")
+"""Values of ``client.engine``: the engines of :mod:`fedtune.engines`, or ``auto``."""
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,10 @@ class ClientConfig:
     """``[client]``: local training on each client."""
 
     engine: str = "backprop"
-    """Local training engine (``backprop``)."""
+    """Local training engine: ``backprop`` (LoRA by backpropagation), ``forward``
+    (forward gradients, FwdLLM), ``zeroth`` (two-point zeroth order with seed-only
+    uploads, FedKSeed) or ``auto`` (with ``[devices]``: backprop where a tier's memory
+    holds it, zeroth where it does not). See ``docs/engines.md``."""
     lr: float = 1e-3
     """Learning rate of the local optimizer (AdamW)."""
     local_steps: int = 5
@@ -157,8 +162,47 @@ class ClientConfig:
     """AdamW weight decay on the LoRA weights."""
     wire_dtype: str = "fp32"
     """How the update travels up: ``fp32``, ``fp16`` or ``int8`` (per-row scales)."""
+    eps: float = 0.0
+    """Perturbation size of two-point differences (``zeroth``; ``forward`` with
+    ``forward_derivative = "fd"``). 0 picks one that works in the compute dtype:
+    1e-3 in fp32 (MeZO's), 1e-2 in bf16, whose rounding swamps smaller ones."""
+    num_seeds: int = 4096
+    """``zeroth``: K, the run's pool of perturbation seeds (FedKSeed's default)."""
+    perturbations: int = 4
+    """``forward``: directions per step before the variance check."""
+    max_perturbations: int = 16
+    """``forward``: at most this many directions per step."""
+    variance_threshold: float = 0.05
+    """``forward``: draw more directions while the estimate's variance exceeds this."""
+    forward_derivative: str = "jvp"
+    """``forward``: ``jvp`` (exact, forward-mode AD) or ``fd`` (finite difference)."""
+    forward_optimizer: str = "sgd"
+    """``forward``: ``sgd`` or ``adamw`` applies the estimated gradient."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.engine in ENGINES,
+            "client.engine",
+            f"must be one of {', '.join(map(repr, ENGINES))}, got {self.engine!r}",
+        )
+        _check(self.eps >= 0, "client.eps", "must be >= 0 (0: chosen by compute dtype)")
+        _check(self.num_seeds >= 1, "client.num_seeds", "must be at least 1")
+        _check(
+            1 <= self.perturbations <= self.max_perturbations,
+            "client.perturbations",
+            "need 1 <= perturbations <= max_perturbations",
+        )
+        _check(self.variance_threshold >= 0, "client.variance_threshold", "must be >= 0")
+        _check(
+            self.forward_derivative in ("jvp", "fd"),
+            "client.forward_derivative",
+            f"must be 'jvp' or 'fd', got {self.forward_derivative!r}",
+        )
+        _check(
+            self.forward_optimizer in ("sgd", "adamw"),
+            "client.forward_optimizer",
+            f"must be 'sgd' or 'adamw', got {self.forward_optimizer!r}",
+        )
         _check(self.lr > 0, "client.lr", "must be positive")
         _check(self.local_steps >= 1, "client.local_steps", "must be at least 1")
         _check(self.batch_size >= 1, "client.batch_size", "must be at least 1")
@@ -372,6 +416,20 @@ class Scenario:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        seed_only = self.client.engine in ("zeroth", "auto")
+        _check(
+            not (seed_only and self.privacy.secure_aggregation),
+            "privacy.secure_aggregation",
+            f"masks adapter updates; client.engine = {self.client.engine!r} uploads seed "
+            "steps: use central or local DP without secure aggregation",
+        )
+        _check(
+            self.client.engine != "auto" or self.devices.enabled,
+            "client.engine",
+            "'auto' picks an engine per device tier: it needs [devices] enabled = true",
+        )
 
     def to_toml(self) -> str:
         """Render the resolved scenario as TOML that :func:`load_scenario` reads back."""

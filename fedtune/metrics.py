@@ -74,8 +74,27 @@ def _jsonable(obj: Any) -> Any:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    """Peak resident memory of this process, in MiB: since the last
+    :func:`reset_peak_rss` where Linux allows it (``VmHWM``), else since it started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> None:
+    """Restart :func:`peak_rss_mb` from the current resident memory (Linux >= 4.0).
+
+    A simulation actor trains many clients, perhaps with different engines: without a
+    reset each would report the largest peak of any before it.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 class EventLog:

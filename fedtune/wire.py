@@ -13,13 +13,13 @@ strategies always see fp32 arrays.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedtune.models.lora import AdapterState
 
@@ -148,7 +148,7 @@ def check_update(
     count, or more than ``max_bytes`` of arrays.
     """
     if message.has_error():
-        return None, f"client error: {message.error.reason}"
+        return None, client_error(message)
     content = message.content
     if ARRAYS_KEY not in content.array_records:
         return None, f"no '{ARRAYS_KEY}' array record"
@@ -185,8 +185,89 @@ def check_update(
     return state, None
 
 
+def client_error(message: Message, limit: int = 300) -> str:
+    """The reason of an error reply, short: the last line of a traceback, trimmed."""
+    lines = [line.strip() for line in str(message.error.reason).splitlines() if line.strip()]
+    last = lines[-1] if lines else "no reason given"
+    return "client error: " + (last if len(last) <= limit else last[: limit - 3] + "...")
+
+
 def metric(message: Message, key: str, default: Any = None) -> Any:
     """A metric of a reply, or ``default`` when the reply carries no such metric."""
     if message.has_error() or METRICS_KEY not in message.content.metric_records:
         return default
     return message.content.metric_records[METRICS_KEY].get(key, default)
+
+
+# --------------------------------------------------------------------------- seed steps
+
+SEEDS_KEY = "seed-steps"
+"""Record key of a seed-only (zeroth-order) update: ``index`` (int32 seed-pool indices)
+and ``scalar`` (fp32 projected gradients), one entry per local step, in order."""
+
+
+def seeds_to_record(steps: Sequence[tuple[int, float]]) -> ArrayRecord:
+    """Seed steps as they travel: 8 bytes a step plus the record's headers."""
+    return ArrayRecord(
+        {
+            "index": Array(np.array([i for i, _ in steps], dtype=np.int32)),
+            "scalar": Array(np.array([g for _, g in steps], dtype=np.float32)),
+        }
+    )
+
+
+def seeds_from_record(record: ArrayRecord) -> list[tuple[int, float]]:
+    indices, scalars = record["index"].numpy(), record["scalar"].numpy()
+    return [(int(i), float(g)) for i, g in zip(indices.tolist(), scalars.tolist(), strict=True)]
+
+
+def check_seed_reply(
+    message: Message, num_seeds: int, max_steps: int
+) -> tuple[list[tuple[int, float]] | None, str | None]:
+    """Validate a seed-only training reply: ``(steps, None)`` or ``(None, reason)``.
+
+    A valid reply has one ``seed-steps`` record with an int32 ``index`` in
+    ``[0, num_seeds)`` and a finite fp32 ``scalar`` per step, between 1 and
+    ``max_steps`` steps, and a positive example count.
+    """
+    if message.has_error():
+        return None, client_error(message)
+    content = message.content
+    if set(content.array_records) != {SEEDS_KEY} or set(content.metric_records) != {METRICS_KEY}:
+        return None, f"expected one '{SEEDS_KEY}' array record and one '{METRICS_KEY}' record"
+    weight = content.metric_records[METRICS_KEY].get(WEIGHT_KEY)
+    if not isinstance(weight, int | float) or not weight > 0:
+        return None, f"'{WEIGHT_KEY}' missing or not positive: {weight!r}"
+    record = content.array_records[SEEDS_KEY]
+    if set(record.keys()) != {"index", "scalar"}:
+        return None, f"seed steps need 'index' and 'scalar', got {sorted(record.keys())[:3]}"
+    index, scalar = record["index"], record["scalar"]
+    if index.dtype != "int32" or scalar.dtype != "float32":
+        return None, f"seed steps must be int32 and float32, got {index.dtype}, {scalar.dtype}"
+    if len(index.shape) != 1 or tuple(index.shape) != tuple(scalar.shape):
+        return None, f"seed steps: shapes {list(index.shape)} and {list(scalar.shape)} differ"
+    if not 1 <= index.shape[0] <= max_steps:
+        return None, f"{index.shape[0]} seed steps, expected 1 to {max_steps}"
+    try:
+        indices, scalars = index.numpy(), scalar.numpy()
+    except Exception as exc:  # noqa: BLE001 - any undecodable payload is a bad reply
+        return None, f"undecodable seed steps: {exc}"
+    if indices.shape != index.shape or scalars.shape != scalar.shape:
+        return None, "seed steps: payload size differs from its header"
+    if ((indices < 0) | (indices >= num_seeds)).any():
+        return None, f"seed index outside the pool of {num_seeds}"
+    if not np.isfinite(scalars).all():
+        return None, "seed steps: non-finite scalars"
+    return seeds_from_record(record), None
+
+
+ENGINE_KEY = "client-engine"
+"""Train-config key: the engine this client uses (``client.engine = "auto"``)."""
+VERSION_KEY = "adapter-version"
+"""Train-config key: how many aggregations made the global adapter sent (present when
+the strategy keeps a history of seed steps, so a zeroth client keeps its copy)."""
+CATCH_UP_KEY = "catch-up-from"
+"""Train-config key: the adapter version the seed steps sent in place of the adapter
+start from."""
+DIGEST_KEY = "adapter-digest"
+"""Train-config key: :func:`fedtune.engines.seeds.adapter_digest` of the global adapter."""

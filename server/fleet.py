@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import WARNING
 from typing import Any
@@ -38,8 +39,9 @@ class Fleet:
     tiers: dict[str, Tier]
     client_tier: list[str]
     seed: int
-    footprint_mb: float = 0.0
-    """Peak memory of a training client in this run, as measured (0 until known)."""
+    footprints: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Peak memory of a training client per engine in this run, as measured (absent
+    until known)."""
 
     @classmethod
     def from_scenario(cls, scenario: Scenario, population: int) -> Fleet:
@@ -100,16 +102,27 @@ class Fleet:
             return None
         return up
 
-    def split_unfit(self, messages: list[Any], grid: Any) -> tuple[list[Any], list[Any]]:
+    def engine_for(self, client: int) -> str:
+        """``client.engine = "auto"``: backprop where the device holds backprop's measured
+        footprint (or while it is unknown), zeroth-order where it does not."""
+        need = self.footprints.get("backprop", 0.0)
+        return "backprop" if self.tier_of(client).memory_mb >= need else "zeroth"
+
+    def split_unfit(
+        self, messages: list[Any], grid: Any, engine_of: Callable[[Any], str]
+    ) -> tuple[list[Any], list[Any]]:
         """Messages to devices that can hold the training, and (message, reason) for the
-        rest. The footprint is the largest client peak memory measured so far in this
-        run (the process's peak RSS), so nothing is refused before the first reports."""
+        rest. A footprint is the largest client peak memory measured so far in this run
+        for the message's engine (peak RSS during training), so nothing is refused before
+        the first reports."""
         keep, unfit = [], []
         for message in messages:
             tier = self.tier_of(grid.client_index(message.metadata.dst_node_id))
-            if self.footprint_mb and tier.memory_mb < self.footprint_mb:
+            engine = engine_of(message)
+            need = self.footprints.get(engine, 0.0)
+            if need and tier.memory_mb < need:
                 reason = (
-                    f"does not fit: training needs ~{self.footprint_mb:.0f} MB, "
+                    f"does not fit: {engine} training needs ~{need:.0f} MB, "
                     f"{tier.name} has {tier.memory_mb:.0f} MB"
                 )
                 unfit.append((message, reason))
@@ -126,7 +139,10 @@ class Fleet:
             if event["status"] != "ok":
                 continue
             if event.get("peak_rss_mb"):
-                self.footprint_mb = max(self.footprint_mb, float(event["peak_rss_mb"]))
+                engine = event["engine"]
+                self.footprints[engine] = max(
+                    self.footprints.get(engine, 0.0), float(event["peak_rss_mb"])
+                )
             event["simulated_seconds"] = simulated_seconds(
                 tier, event["bytes_down"], event["bytes_up"], float(event["compute_seconds"])
             )

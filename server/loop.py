@@ -28,6 +28,7 @@ from fedtune.attacks import attackers
 from fedtune.checkpoint import Checkpoint, restore_strategy_state, save_checkpoint, strategy_state
 from fedtune.config import Scenario, client_spec
 from fedtune.data import build_population, eval_chunks
+from fedtune.errors import ConfigError
 from fedtune.evaluation import perplexity
 from fedtune.metrics import (
     EventLog,
@@ -49,12 +50,14 @@ from fedtune.privacy.strategy import wrap_private
 from fedtune.report import plot_perplexity
 from fedtune.server.fleet import Fleet, keep_first_arrivals
 from fedtune.server.grid import DeviceGrid
+from fedtune.server.seed_sync import SEED_ENGINES, SeedSync
 from fedtune.strategies import build_strategy
 from fedtune.strategies.lora_math import truncate
 from fedtune.strategies.ranks import RANK_KEY, require_mixed_ranks
 from fedtune.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    ENGINE_KEY,
     check_update,
     expected_specs,
     from_record,
@@ -186,6 +189,21 @@ def run_federation(
     require_mixed_ranks(strategy, scenario.strategy.name, mixed, global_rank)
     private = wrap_private(strategy, scenario, len(population.train))  # None without [privacy]
     strategy = private or strategy
+    engine_setting = scenario.client.engine
+    if mixed and engine_setting in (*SEED_ENGINES, "auto"):
+        raise ConfigError(
+            f"client.engine = {engine_setting!r} replays seed steps on the adapter sent: "
+            f"it cannot train the mixed LoRA ranks of tiers {', '.join(sorted(mixed))}"
+        )
+    client = scenario.client
+    seeds = SeedSync(scenario.run.seed, client.num_seeds, client.lr, client.local_steps)
+
+    def choose_engine(client: int) -> str:
+        return fleet.engine_for(client) if engine_setting == "auto" else engine_setting
+
+    def engine_of(message: Message) -> str:
+        """The engine a message's client trains with (chosen per tier under ``auto``)."""
+        return str(message.content.config_records[CONFIG_KEY].get(ENGINE_KEY, engine_setting))
 
     def rank_of(message: Message) -> int:
         if not mixed:
@@ -215,7 +233,7 @@ def run_federation(
         totals.update({k: history.get(k, 0) for k in totals})
         started -= history.get("wall_seconds", 0.0)  # wall time counts the earlier session(s)
         if fleet is not None:
-            fleet.footprint_mb = float(history.get("footprint_mb", 0.0))
+            fleet.footprints = dict(history.get("footprints", {}))
         log(INFO, "Resuming after round %d (perplexity %.3f)", resume.round, current)
 
     def checkpoint(rnd: int) -> None:
@@ -225,7 +243,7 @@ def run_federation(
             "rounds_completed": completed,
             **totals,
             "wall_seconds": time.perf_counter() - started,
-            "footprint_mb": fleet.footprint_mb if fleet is not None else 0.0,
+            "footprints": fleet.footprints if fleet is not None else {},
         }
         save_checkpoint(
             run_dir / "checkpoints",
@@ -254,7 +272,7 @@ def run_federation(
             "round": rnd,
             "node": node,
             "client": client,
-            "engine": scenario.client.engine,
+            "engine": engine_of(sent),
             "bytes_down": bytes_down,
             **({"attacker": client in attacking} if attacking else {}),
             **({"lora_rank": rank_of(sent)} if mixed else {}),
@@ -278,6 +296,11 @@ def run_federation(
                 m if rank_of(m) == global_rank else with_rank(m, strategy, rank_of(m))
                 for m in messages
             ]
+        messages = [
+            seeds.send(m, client, choose_engine(client), state, strategy)
+            for m in messages
+            for client in [device_grid.client_index(m.metadata.dst_node_id)]
+        ]
         observer.round_started(rnd, len(messages))
 
         tally = RoundTally()
@@ -285,7 +308,7 @@ def run_federation(
         wait = scenario.round.timeout_s if fleet is not None else scenario.round.deadline_s
         judged: list[tuple[dict[str, Any], Message | None, Any]] = []
         if fleet is not None:  # a device whose memory cannot hold the training is not sent work
-            messages, unfit = fleet.split_unfit(messages, device_grid)
+            messages, unfit = fleet.split_unfit(messages, device_grid, engine_of)
             for sent, reason in unfit:
                 event = new_event(sent, rnd, 0)
                 event.update(bytes_up=0, status="dropped", reason=reason)
@@ -307,9 +330,15 @@ def run_federation(
                     event[name] = metric(reply, key)
                 rank = rank_of(sent)
                 expected = specs if rank == global_rank else expected_specs(truncate(state, rank))
-                update, reason = check_update(
-                    reply, expected, max_bytes, scenario.client.wire_dtype
-                )
+                if engine_of(sent) in SEED_ENGINES:  # seed steps, replayed on the adapter sent
+                    client_index = device_grid.client_index(sent.metadata.dst_node_id)
+                    update, steps, reason = seeds.receive(sent, reply, client_index, state)
+                    if update is not None:
+                        seeds.for_strategy(reply, steps)
+                else:
+                    update, reason = check_update(
+                        reply, expected, max_bytes, scenario.client.wire_dtype
+                    )
                 if update is not None and metric(reply, "round") != rnd:
                     update, reason = None, f"stale round {metric(reply, 'round')!r} (now {rnd})"
                 if update is None:

@@ -17,13 +17,11 @@ from fedtune.errors import FedtuneError
 def preflight(scenario: Scenario) -> int:
     """Check that ``scenario`` can run; return the number of training clients."""
     from fedtune.data import build_population, client_train_chunks, eval_chunks
-    from fedtune.engines import get_engine
     from fedtune.models import load_tokenizer, model_dir
     from fedtune.models.base import TINY
     from fedtune.privacy.strategy import wrap_private
     from fedtune.strategies import build_strategy
 
-    get_engine(scenario.client.engine)
     if scenario.model.name not in TINY:
         model_dir(scenario.model.name)  # converts SmolLM2 once, before actors race for it
     population = build_population(scenario.data)
@@ -44,6 +42,17 @@ def preflight(scenario: Scenario) -> int:
         clients_per_round=scenario.round.sampled,
     )
     wrap_private(strategy, scenario, len(population.train))  # refuses contradicting [privacy]
+    if hasattr(strategy, "seed_history"):  # fedkseed: aggregates seed steps
+        if scenario.client.engine != "zeroth":
+            raise FedtuneError(
+                f"strategy {scenario.strategy.name!r} aggregates seed steps: set "
+                f"client.engine = 'zeroth' (not {scenario.client.engine!r})"
+            )
+        if scenario.privacy.mode != "none":
+            raise FedtuneError(
+                f"strategy {scenario.strategy.name!r} replays the clients' seed steps, which "
+                "[privacy] replaces by one private mean: use strategy.name = 'fedavg' with DP"
+            )
     if scenario.devices.enabled:
         from fedtune.server.fleet import Fleet
         from fedtune.strategies.ranks import require_mixed_ranks

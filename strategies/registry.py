@@ -40,6 +40,7 @@ BUILTINS: dict[str, str] = {
     "flora": "fedtune.strategies.flora:Flora",
     "hetlora": "fedtune.strategies.hetlora:HetLora",
     "flexlora": "fedtune.strategies.flexlora:FlexLora",
+    "fedkseed": "fedtune.strategies.fedkseed:FedKSeed",
 }
 """Built-in names; also declared as entry points in fedtune's own pyproject.
 

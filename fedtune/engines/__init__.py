@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedtune.engines.backprop import BackpropEngine
-from fedtune.engines.base import Engine, EngineConfig, Update, sample_batches
+from fedtune.engines.base import Engine, EngineConfig, Update, default_eps, sample_batches
 from fedtune.engines.forward import ForwardEngine
 from fedtune.engines.zeroth import ZerothEngine
 from fedtune.errors import ConfigError
@@ -23,4 +23,12 @@ def get_engine(name: str) -> Engine:
     return engine
 
 
-__all__ = ["ENGINES", "Engine", "EngineConfig", "Update", "get_engine", "sample_batches"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "EngineConfig",
+    "Update",
+    "default_eps",
+    "get_engine",
+    "sample_batches",
+]

@@ -94,6 +94,16 @@ class EngineConfig:
             )
 
 
+def default_eps(compute_dtype: str) -> float:
+    """A perturbation size that works in ``compute_dtype`` (``client.eps = 0``).
+
+    fp32: 1e-3, MeZO's choice, within 0.1% of the exact slope on SmolLM2-135M. bf16
+    keeps 8 bits of mantissa: the loss difference of a 1e-3 step drowns in rounding
+    (measured 86-1400% off), while 1e-2 comes within 3-8%.
+    """
+    return 1e-3 if compute_dtype == "fp32" else 1e-2
+
+
 @dataclass
 class Update:
     """The result of local training."""

@@ -22,6 +22,7 @@ for bit: the adapter as sent, since PEFT keeps LoRA weights in fp32 on a bf16 ba
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from collections.abc import Sequence
@@ -136,3 +137,17 @@ def history_is_smaller(count: int, state: AdapterState, bytes_per_value: float =
     download the history and replay it rather than the adapter."""
     adapter_bytes = bytes_per_value * sum(v.numel() for v in state.values())
     return steps_nbytes(count) < adapter_bytes
+
+
+def adapter_digest(state: AdapterState) -> str:
+    """SHA-256 of an adapter's fp32 values in sorted-key order (names and shapes too).
+
+    A client that rebuilds the global adapter from the history of seed steps checks it
+    against the server's digest: a mismatch means its copy is not the server's.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key].detach().to(torch.float32).contiguous()
+        digest.update(f"{key}:{list(value.shape)};".encode())
+        digest.update(value.numpy().tobytes())
+    return digest.hexdigest()

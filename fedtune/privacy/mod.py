@@ -17,21 +17,33 @@ passed on untouched: the server's validation rejects it with its reason.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedtune.engines.seeds import trained_keys
-from fedtune.privacy.clipping import add_noise, clip, difference, secret_generator
+from fedtune.models.lora import AdapterState
+from fedtune.privacy.clipping import (
+    add_noise,
+    clip,
+    difference,
+    privatize_seed_steps,
+    secret_generator,
+)
 from fedtune.privacy.secagg import COUNT_KEY, RECORD, mask_update
 from fedtune.wire import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
+    SEEDS_KEY,
     check_update,
     encode_update,
     expected_specs,
     from_record,
+    seeds_from_record,
+    seeds_to_record,
     to_record,
 )
 
@@ -51,6 +63,8 @@ def privacy_mod(message: Message, context: Context, call_next: ClientAppCallable
     if CLIP_KEY not in config or reply.has_error():
         return reply
     received = from_record(message.content.array_records[ARRAYS_KEY])
+    if SEEDS_KEY in reply.content.array_records:
+        return _privatize_seed_reply(reply, config, received)
     wire = str(config.get("client.wire_dtype", "fp32"))
     trained, _ = check_update(reply, expected_specs(received), NO_SIZE_BOUND, wire)
     if trained is None:
@@ -76,4 +90,30 @@ def privacy_mod(message: Message, context: Context, call_next: ClientAppCallable
     else:
         released = {**received, **{k: received[k] + update[k] for k in keys}}
         reply.content[ARRAYS_KEY] = encode_update(released, wire)
+    return reply
+
+
+def _privatize_seed_reply(reply: Message, config: dict, received: AdapterState) -> Message:
+    """Local DP for a seed-only reply: clip the vector of scalars and noise each (DPZero).
+
+    The update the steps replay to is ``-lr * sum_j g_j z_j`` with ±1 directions over the
+    ``d`` trained values, nearly orthogonal for distinct seeds, so its norm is about
+    ``lr * sqrt(d) * ||g||``: the scalars are clipped to ``clip / (lr sqrt(d))`` so the
+    replayed update stays near the adapter bound the server set. The noise multiplier —
+    which alone fixes ε — applies to that scalar bound, so the release (the scalars; the
+    seed indices depend on the client's seed, not its data) is exactly as private as an
+    adapter update under the same multiplier. Central DP needs nothing here: the server
+    clips and noises the replayed adapters.
+    """
+    noise = float(config.get(NOISE_KEY, 0.0))
+    if noise <= 0:
+        return reply
+    keys = trained_keys(received, str(config.get(TRAIN_KEY, "all")))
+    values = sum(received[k].numel() for k in keys)
+    lr = float(config["client.lr"])
+    bound = float(config[CLIP_KEY]) / (lr * math.sqrt(values))
+    steps = seeds_from_record(reply.content.array_records[SEEDS_KEY])
+    reply.content[SEEDS_KEY] = seeds_to_record(
+        privatize_seed_steps(steps, bound, noise, secret_generator())
+    )
     return reply

@@ -401,6 +401,55 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    """``[gateway]``: the gRPC device gateway through which phones join (``fedtune serve``)."""
+
+    enabled: bool = False
+    """Host the device gateway in the ServerApp; enrolled phones become nodes."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (``0.0.0.0`` for phones on the network; then use TLS)."""
+    port: int = 9300
+    """Port to listen on (0: any free port, written to ``gateway.json`` in the run folder)."""
+    token: str = ""
+    """Enrollment token phones present once for a device id and credential (required)."""
+    first_client: int = 0
+    """Client index of the first phone to enroll; the next get the following indices."""
+    max_devices: int = 0
+    """Phones that may enroll (0: up to the end of the client population)."""
+    tls_certificate: str = ""
+    """PEM certificate chain of the gateway (with ``tls_private_key``: TLS on)."""
+    tls_private_key: str = ""
+    """PEM private key of the gateway."""
+    max_chunk_kb: int = 1024
+    """Largest upload chunk a phone may send; larger ones get RESOURCE_EXHAUSTED."""
+    rate: float = 20.0
+    """Calls per second a device may make on average (token bucket)."""
+    burst: int = 40
+    """Calls a device may make at once before ``rate`` applies."""
+    check_in_s: int = 5
+    """Seconds a phone with no task is told to wait before checking in again."""
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port < 65536, "gateway.port", "must be in [0, 65535]")
+        _check(
+            not self.enabled or len(self.token) >= 8,
+            "gateway.token",
+            "must be at least 8 characters when the gateway is enabled",
+        )
+        _check(self.first_client >= 0, "gateway.first_client", "must be >= 0")
+        _check(self.max_devices >= 0, "gateway.max_devices", "must be >= 0")
+        _check(
+            bool(self.tls_certificate) == bool(self.tls_private_key),
+            "gateway.tls_certificate",
+            "and gateway.tls_private_key must be given together",
+        )
+        _check(self.max_chunk_kb >= 1, "gateway.max_chunk_kb", "must be at least 1")
+        _check(self.rate > 0, "gateway.rate", "must be positive")
+        _check(self.burst >= 1, "gateway.burst", "must be at least 1")
+        _check(self.check_in_s >= 1, "gateway.check_in_s", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A whole scenario: one field per TOML section."""
 
@@ -416,6 +465,7 @@ class Scenario:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def __post_init__(self) -> None:
         seed_only = self.client.engine in ("zeroth", "auto")
@@ -424,11 +474,6 @@ class Scenario:
             "privacy.secure_aggregation",
             f"masks adapter updates; client.engine = {self.client.engine!r} uploads seed "
             "steps: use central or local DP without secure aggregation",
-        )
-        _check(
-            self.client.engine != "auto" or self.devices.enabled,
-            "client.engine",
-            "'auto' picks an engine per device tier: it needs [devices] enabled = true",
         )
 
     def to_toml(self) -> str:
@@ -463,6 +508,7 @@ SECTIONS: dict[str, type] = {
     "devices": DevicesConfig,
     "attack": AttackConfig,
     "privacy": PrivacyConfig,
+    "gateway": GatewayConfig,
 }
 
 

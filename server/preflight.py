@@ -42,6 +42,11 @@ def preflight(scenario: Scenario) -> int:
         clients_per_round=scenario.round.sampled,
     )
     wrap_private(strategy, scenario, len(population.train))  # refuses contradicting [privacy]
+    if scenario.client.engine == "auto" and not scenario.devices.enabled:
+        raise FedtuneError(
+            "client.engine = 'auto' picks an engine per device tier: set [devices] "
+            "enabled = true, or name an engine (backprop, forward, zeroth)"
+        )
     if hasattr(strategy, "seed_history"):  # fedkseed: aggregates seed steps
         if scenario.client.engine != "zeroth":
             raise FedtuneError(

@@ -80,6 +80,6 @@ def test_a_device_too_small_for_the_training_is_not_sent_work(tmp_path):
     # ... then a 100 MB watch is never sent work again, and says why.
     watches = [u for u in later if u["tier"] == "watch"]
     assert watches and all(u["status"] == "dropped" for u in watches)
-    assert all(u["reason"].startswith("does not fit: training needs ~") for u in watches)
+    assert all(u["reason"].startswith("does not fit: backprop training needs ~") for u in watches)
     assert all(u["bytes_down"] == 0 and u["bytes_up"] == 0 for u in watches)
     assert any(u["status"] == "ok" for u in later if u["tier"] == "board")

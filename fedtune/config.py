@@ -468,6 +468,18 @@ class Scenario:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def __post_init__(self) -> None:
+        client = self.client
+        _check(
+            not (
+                client.engine == "forward"
+                and client.forward_derivative == "jvp"
+                and self.model.quantization in ("nf4", "int4")
+            ),
+            "client.forward_derivative",
+            f"'jvp' needs forward-mode AD, which {self.model.quantization} layers "
+            "(bitsandbytes, HQQ) do not support: set it to 'fd' (finite differences) or "
+            "use model.quantization = 'int8' or 'none'",
+        )
         seed_only = self.client.engine in ("zeroth", "auto")
         _check(
             not (seed_only and self.privacy.secure_aggregation),

@@ -22,6 +22,10 @@ def preflight(scenario: Scenario) -> int:
     from fedtune.privacy.strategy import wrap_private
     from fedtune.strategies import build_strategy
 
+    if scenario.model.quantization != "none":  # the library, before any process loads it
+        from fedtune.models.quantization import require_backend
+
+        require_backend(scenario.model.quantization)
     if scenario.model.name not in TINY:
         model_dir(scenario.model.name)  # converts SmolLM2 once, before actors race for it
     population = build_population(scenario.data)

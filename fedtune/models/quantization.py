@@ -72,7 +72,7 @@ def quantize_base(model: Any, quantization: str, compute_dtype: torch.dtype) -> 
         )
     if quantization == "none":
         return model
-    _require(quantization)
+    require_backend(quantization)
     decoder = getattr(model.get_decoder(), "layers", None)
     if decoder is None:
         raise ModelError(
@@ -93,7 +93,7 @@ def quantize_base(model: Any, quantization: str, compute_dtype: torch.dtype) -> 
     return model
 
 
-def _require(quantization: str) -> None:
+def require_backend(quantization: str) -> None:
     module, requirement = _BACKENDS[quantization]
     try:
         importlib.import_module(module)

@@ -138,3 +138,28 @@ def test_scenario_is_frozen():
 
     with pytest.raises(FrozenInstanceError):
         Scenario().run.rounds = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("client.engine='mezo'", "client.engine"),
+        ("client.eps=-1e-3", "client.eps"),
+        ("client.num_seeds=0", "client.num_seeds"),
+        ("client.perturbations=20", "client.perturbations"),  # > max_perturbations
+        ("client.forward_derivative='central'", "client.forward_derivative"),
+        ("client.forward_optimizer='lion'", "client.forward_optimizer"),
+    ],
+)
+def test_bad_engine_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_scenario("tiny", [override])
+
+
+def test_jvp_on_a_packed_4_bit_base_is_refused_with_the_way_out():
+    for quantization in ("nf4", "int4"):
+        overrides = ["client.engine='forward'", f"model.quantization={quantization!r}"]
+        with pytest.raises(ConfigError, match="client.forward_derivative.*'fd'"):
+            load_scenario("tiny", overrides)
+        load_scenario("tiny", [*overrides, "client.forward_derivative='fd'"])
+    load_scenario("tiny", ["client.engine='forward'", "model.quantization='int8'"])

@@ -64,10 +64,14 @@ PARAMS: dict[str, list[str]] = {
 }
 
 
+SEED_STEP_RULES = {"fedkseed"}
+"""Rules for the zeroth engine's seed steps: compared in benchmarks/engines.py."""
+
+
 def builtins() -> list[str]:
     from fedtune.strategies.registry import BUILTINS
 
-    return sorted(BUILTINS)
+    return sorted(set(BUILTINS) - SEED_STEP_RULES)
 
 
 def run(out: Path, name: str, attacked: bool, base: list[str]) -> dict:

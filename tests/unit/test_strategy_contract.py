@@ -23,24 +23,37 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedtune.engines.seeds import replay, seed_pool
 from fedtune.server.loop import aggregate_in_client_order, seeded_global_random
+from fedtune.server.seed_sync import SeedSync
 from fedtune.strategies import build_strategy
 from fedtune.strategies.registry import BUILTINS, GROUP
 from fedtune.wire import (
     ARRAYS_KEY,
     METRICS_KEY,
+    SEEDS_KEY,
     WEIGHT_KEY,
     check_update,
     expected_specs,
     from_record,
+    seeds_to_record,
     to_record,
 )
 
 from .node_grid import NodeListGrid, task_identity
 
 SEED_STEP_RULES = {"fedkseed"}
-"""Rules that aggregate clients' seed steps, not adapters: tests/unit/test_seed_sync.py."""
-NAMES = sorted(set(BUILTINS) - SEED_STEP_RULES)
+"""Rules for zeroth-order clients: a client's reply is its seed steps, which the loop
+replays into its adapter (the strategy gets both). Here client ``i`` takes the steps
+:func:`seed_steps_of` ``(i)`` from the adapter sent."""
+NAMES = sorted(BUILTINS)
+NUM_SEEDS, SEED_LR = 64, 0.05
+SPEC = {
+    "run.seed": 0,
+    "client.num_seeds": NUM_SEEDS,
+    "client.lr": SEED_LR,
+    "client.engine": "zeroth",
+}
 PARAMS: dict[str, dict[str, object]] = {
     # Settings under which the strategy does more than FedAvg; defaults otherwise.
     "fedprox": {"proximal_mu": 0.1},
@@ -95,6 +108,28 @@ def reply(state: Adapter, weight: int) -> Message:
     return Message(content, dst_node_id=NODES[0], message_type=MessageType.TRAIN)
 
 
+def seed_steps_of(index: int) -> list[tuple[int, float]]:
+    return [((7 * index + 3) % NUM_SEEDS, 0.2 * (index + 1)), ((5 * index) % NUM_SEEDS, -0.3)]
+
+
+def client_adapter(name: str, update: Update, sent: Adapter) -> Adapter:
+    """The adapter client ``update[0]`` ends its round with, under strategy ``name``."""
+    index, state, _ = update
+    if name in SEED_STEP_RULES:
+        return replay(sent, seed_steps_of(index), seed_pool(0, NUM_SEEDS), SEED_LR)
+    return state
+
+
+def client_reply(name: str, update: Update, sent: Adapter) -> Message:
+    """The reply as the round loop hands it to the strategy (seed steps replayed)."""
+    index, _, weight = update
+    message = reply(client_adapter(name, update, sent), weight)
+    if name in SEED_STEP_RULES:
+        message.content[SEEDS_KEY] = seeds_to_record(seed_steps_of(index))
+        SeedSync.for_strategy(message, seed_steps_of(index))
+    return message
+
+
 def run_rounds(
     name: str,
     rounds: list[list[Update]],
@@ -111,13 +146,13 @@ def run_rounds(
     )
     adapter = GLOBAL
     for rnd, updates in enumerate(rounds, start=1):
-        config = ConfigRecord({"round": rnd})
+        config = ConfigRecord({"round": rnd, **SPEC})
         with seeded_global_random(0, rnd):
             sent = list(
                 strategy.configure_train(rnd, to_record(adapter), config, NodeListGrid(NODES))
             )
         assert len(sent) == CLIENTS_PER_ROUND
-        pairs = [(index, reply(state, weight)) for index, state, weight in updates]
+        pairs = [(update[0], client_reply(name, update, adapter)) for update in updates]
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(pairs)
         if in_client_order:
@@ -142,7 +177,7 @@ def distance(a: Adapter, b: Adapter) -> float:
     return float(sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5)
 
 
-@pytest.mark.parametrize("name", sorted(BUILTINS))
+@pytest.mark.parametrize("name", NAMES)
 def test_declared_as_an_entry_point(name):
     declared = {ep.name: ep.value for ep in entry_points(group=GROUP)}
     assert declared.get(name) == BUILTINS[name], "pyproject and BUILTINS disagree (reinstall?)"
@@ -176,7 +211,8 @@ def test_a_single_reply(name):
     # Whatever the rule, one client's update moves the global update B @ A towards the
     # client's (strategies that re-factor, FlexLoRA and FLoRA, change the factors but
     # not their product). A FLoRA reply is a fresh adapter trained on top of the global.
-    target = product(update[1]) + (product(GLOBAL) if name in DELTA_REPLIES else 0)
+    target = product(client_adapter(name, update, GLOBAL))
+    target = target + (product(GLOBAL) if name in DELTA_REPLIES else 0)
     assert (product(out) - target).norm() < (product(GLOBAL) - target).norm()
 
 

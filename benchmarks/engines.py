@@ -3,16 +3,19 @@
 Runs ``fedtune simulate quickstart`` (SmolLM2-135M, 24 Shakespeare clients, 3 per
 round, 3 rounds) once per engine with the quickstart's 4 local steps ("equal rounds"),
 then once more per gradient-free engine with as many local steps as fit in backprop's
-measured client compute time per round ("equal wall time": the same client compute
-budget a round, the same rounds, the same server evaluation). Prints a Markdown table
-for ``benchmarks/RESULTS.md``: bytes up and down per client-round, client peak RSS
-(resident memory during a client's training call), seconds per local step, and
-held-out perplexity after each setting.
+client compute time per round ("equal time": the same client compute budget a round,
+the same rounds, the same server evaluation). Compute time is the client's CPU seconds
+(all its threads): on an idle host that is wall time times the threads torch uses, the
+same for every engine, and unlike wall time it does not grow when other processes share
+the cores. Prints a Markdown table for ``benchmarks/RESULTS.md``: bytes up and down per
+client-round, client peak RSS (resident memory during a client's training call), wall
+and CPU seconds per local step, and held-out perplexity after each setting.
 
     .venv/bin/python benchmarks/engines.py --out bench-engines
 
-Run it alone on the machine: Ray runs its workers at niceness 15, so any other busy
-process takes their CPU. Finished runs are kept in ``--out`` and not re-run.
+Run it alone if you can: Ray runs its workers at niceness 15, so any other busy
+process takes their CPU and stretches wall times (CPU seconds much less). Finished runs
+are kept in ``--out`` and not re-run.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ def run(out: Path, name: str, settings: list[str]) -> tuple[dict, list[dict]]:
     return summary, [u for u in updates if u["status"] == "ok"]
 
 
-def step_seconds(updates: list[dict], steps: int) -> float:
-    return statistics.median(u["compute_seconds"] for u in updates) / steps
+def step_seconds(updates: list[dict], steps: int, field: str = "cpu_seconds") -> float:
+    return statistics.median(u[field] for u in updates) / steps
 
 
 def row(label: str, steps: int, summary: dict, updates: list[dict]) -> list[str]:
@@ -70,6 +73,7 @@ def row(label: str, steps: int, summary: dict, updates: list[dict]) -> list[str]
         f"{statistics.mean(u['bytes_up'] for u in updates):,.0f}",
         f"{statistics.mean(u['bytes_down'] for u in updates):,.0f}",
         f"{max(u['peak_rss_mb'] for u in updates):,.0f}",
+        f"{step_seconds(updates, steps, 'compute_seconds'):.2f}",
         f"{step_seconds(updates, steps):.2f}",
         f"{summary['final_perplexity']:.3f}",
     ]
@@ -85,14 +89,14 @@ def main() -> None:
     results = {name: run(args.out, name, settings) for name, settings in ENGINES.items()}
     reference = step_seconds(results["backprop"][1], LOCAL_STEPS) * LOCAL_STEPS
     for name, (summary, updates) in results.items():
-        rows.append(row(f"{name}, equal rounds", LOCAL_STEPS, summary, updates))
+        rows.append(row(f"{name}, equal steps", LOCAL_STEPS, summary, updates))
         if name == "backprop":
             continue
-        # As many local steps as fit in backprop's compute time per client-round.
+        # As many local steps as fit in backprop's CPU time per client-round.
         steps = max(1, round(reference / step_seconds(updates, LOCAL_STEPS)))
         timed = [*ENGINES[name], f"client.local_steps={steps}"]
         summary_t, updates_t = run(args.out, f"{name}-equal-time", timed)
-        rows.append(row(f"{name}, equal wall time", steps, summary_t, updates_t))
+        rows.append(row(f"{name}, equal time", steps, summary_t, updates_t))
 
     initial = results["backprop"][0]["initial_perplexity"]
     print(f"Machine: {platform.machine()}, Python {platform.python_version()} — {date.today()}")
@@ -103,7 +107,8 @@ def main() -> None:
         "bytes up / client-round",
         "bytes down / client-round",
         "client peak RSS MiB",
-        "s / local step",
+        "wall s / step (median)",
+        "CPU s / step (median)",
         "perplexity after 3 rounds",
     ]
     print("| " + " | ".join(columns) + " |")

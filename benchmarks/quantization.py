@@ -71,16 +71,19 @@ def measure_client(overrides: list[str], steps: int) -> dict[str, Any]:
     model = attach_lora(base, s.lora, seed=s.run.seed)
     loaded_mb = resident_mb()
     engine = get_engine(s.client.engine)
-    seconds = []
+    seconds, cpu_seconds = [], []
     for step in range(steps):
         config = EngineConfig(s.client.lr, local_steps=1, batch_size=s.client.batch_size, seed=step)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         update = engine.train(model, chunks, config)
         seconds.append(time.perf_counter() - started)
+        cpu_seconds.append(time.process_time() - cpu)
     return {
         "peak_rss_mb": peak_rss_mb(),
         "loaded_rss_mb": loaded_mb,
         "step_seconds": statistics.median(seconds),
+        # CPU seconds of all threads: steadier than wall time when the cores are shared.
+        "step_cpu_seconds": statistics.median(cpu_seconds),
         "loss": update.loss,
         "bytes": {
             wire: recorddict_nbytes(RecordDict({"arrays": encode_update(update.state, wire)}))
@@ -112,9 +115,9 @@ def table(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     ref = rows[("none", "fp32")]
     lines = [
         "| quantization | compute | client peak RSS MiB | ÷ | RSS after load MiB | ÷ "
-        "| step s (median) | ÷ | adapter B fp32 / fp16 / int8 | perplexity before → after "
-        "| ÷ after | simulate s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| step s (median) | ÷ | step CPU s | ÷ | adapter B fp32 / fp16 / int8 "
+        "| perplexity before → after | ÷ after | simulate s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (quantization, dtype), r in rows.items():
         sizes = " / ".join(f"{r['bytes'][w]:,}" for w in WIRE_DTYPES)
@@ -123,6 +126,8 @@ def table(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
             f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} "
             f"| {r['loaded_rss_mb']:.0f} | {r['loaded_rss_mb'] / ref['loaded_rss_mb']:.2f} "
             f"| {r['step_seconds']:.2f} | {r['step_seconds'] / ref['step_seconds']:.2f} "
+            f"| {r['step_cpu_seconds']:.2f} "
+            f"| {r['step_cpu_seconds'] / ref['step_cpu_seconds']:.2f} "
             f"| {sizes} "
             f"| {r['initial_perplexity']:.2f} → {r['final_perplexity']:.2f} "
             f"| {r['final_perplexity'] / ref['final_perplexity']:.3f} "

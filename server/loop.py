@@ -325,6 +325,7 @@ def run_federation(
                     ("loss", "loss"),
                     ("num-examples", "num_examples"),
                     ("compute-seconds", "compute_seconds"),
+                    ("cpu-seconds", "cpu_seconds"),
                     ("peak-rss-mb", "peak_rss_mb"),
                 ):
                     event[name] = metric(reply, key)

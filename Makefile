@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedtune-setup
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast lint clean proto
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check fedtune clients server strategies simulations tests benchmarks
+
+# Regenerate fedtune/proto/device_pb2*.py from device.proto (the stubs are committed).
+proto: setup
+	$(BIN)/python fedtune/proto/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

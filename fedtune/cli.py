@@ -69,6 +69,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _outcome(summary, run_dir)
 
 
+def cmd_device(argv: list[str]) -> int:
+    """``fedtune device ...``: the device client parses its own arguments (and imports
+    neither torch nor flwr)."""
+    from fedtune.clients.device import main as device_main
+
+    return device_main(argv)
+
+
 def cmd_scenarios(args: argparse.Namespace) -> int:
     from fedtune.config import shipped_scenarios
 
@@ -155,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_serve)
 
+    # Listed for --help; main() hands `fedtune device ...` to the device client as is.
+    sub.add_parser("device", help="the reference phone client: join a run's device gateway")
+
     p = sub.add_parser("scenarios", help="list the shipped scenarios")
     p.set_defaults(func=cmd_scenarios)
 
@@ -168,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["device"]:
+        return cmd_device(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -6,6 +6,9 @@ module-level ``app``, which reads from the run config (``[tool.flwr.app.config]`
 ``scenario`` (a shipped name or a TOML path), ``overrides`` (``section.key=value``
 separated by spaces), ``out`` (the run folder), ``nodes`` (SuperNodes to wait for;
 0 = one per training client) and ``resume`` (continue the run in ``out``).
+
+With ``[gateway] enabled = true`` the ServerApp also hosts the device gateway
+(:mod:`fedtune.server.gateway`) for the whole run: enrolled phones are nodes too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedtune.checkpoint import Checkpoint, resume_point
 from fedtune.config import Scenario, load_scenario
 from fedtune.errors import FedtuneError
+from fedtune.server.gateway import hosted_gateway
 from fedtune.server.loop import Observer, run_federation
 
 
@@ -39,14 +43,11 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if scenario is not None:
-            run_federation(
-                grid,
-                scenario,
-                run_dir or default_run_dir(scenario),
-                observer,
-                expected_nodes=expected_nodes,
-                resume=resume,
-            )
+            out = run_dir or default_run_dir(scenario)
+            with hosted_gateway(scenario, grid, out) as nodes:  # phones join as nodes
+                run_federation(
+                    nodes, scenario, out, observer, expected_nodes=expected_nodes, resume=resume
+                )
             return
         cfg = context.run_config
         resolved = load_scenario(
@@ -58,14 +59,15 @@ def make_server_app(
             resolved, checkpoint = resume_point(out, resolved)
         elif (out / "summary.json").exists():
             raise FedtuneError(f"{out} already holds a finished run: choose another out")
-        run_federation(
-            grid,
-            resolved,
-            out,
-            observer,
-            expected_nodes=int(cfg.get("nodes", 0)) or None,
-            resume=checkpoint,
-        )
+        with hosted_gateway(resolved, grid, out) as nodes:
+            run_federation(
+                nodes,
+                resolved,
+                out,
+                observer,
+                expected_nodes=int(cfg.get("nodes", 0)) or None,
+                resume=checkpoint,
+            )
 
     return app
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
+from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
@@ -33,18 +34,13 @@ class NodeInfo:
     client_index: int
 
 
-class DeviceGrid(Grid):
-    """A :class:`flwr.serverapp.Grid` wrapper whose nodes are known clients."""
+class WrappedGrid(Grid):
+    """A :class:`flwr.serverapp.Grid` around another: run and message creation are the
+    inner grid's; subclasses decide which nodes exist and how messages travel."""
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
-        self.nodes: dict[int, NodeInfo] = {}
-        self.available: set[int] | None = None
-        """Nodes eligible this round (None: all); set by the loop from device tiers."""
-        self.arrival: dict[int, float] = {}
-        """Seconds from sending to each reply, by source node (the last ``collect``)."""
 
-    # -- Grid interface, delegated --------------------------------------------
     def set_run(self, run_id: int) -> None:  # type: ignore[override]
         self._grid.set_run(run_id)
 
@@ -61,6 +57,18 @@ class DeviceGrid(Grid):
         ttl: float | None = None,
     ) -> Message:
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+
+class DeviceGrid(WrappedGrid):
+    """A :class:`flwr.serverapp.Grid` wrapper whose nodes are known clients."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.nodes: dict[int, NodeInfo] = {}
+        self.available: set[int] | None = None
+        """Nodes eligible this round (None: all); set by the loop from device tiers."""
+        self.arrival: dict[int, float] = {}
+        """Seconds from sending to each reply, by source node (the last ``collect``)."""
 
     def get_node_ids(self) -> Iterable[int]:
         """Known (and, if set, available) nodes, in client order: stable across runs."""
@@ -167,3 +175,59 @@ class DeviceGrid(Grid):
             if pending:
                 time.sleep(POLL_SECONDS)
         return [replies.get(k) for k in ids]
+
+
+class GatewayGrid(WrappedGrid):
+    """Flower's Grid plus the device gateway's phones, which are nodes like any other.
+
+    The round loop wraps this in a :class:`DeviceGrid` as it would Flower's grid:
+    node ids are Flower's and the enrolled phones'; messages to a phone go to the
+    gateway (:mod:`fedtune.server.gateway`), which answers discovery queries itself and
+    turns train messages into tasks; replies come back through ``pull_messages``.
+    """
+
+    def __init__(self, grid: Grid, gateway: Any) -> None:
+        super().__init__(grid)
+        self.gateway = gateway
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [*self._grid.get_node_ids(), *self.gateway.node_ids()]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Phones' messages to the gateway, the rest to Flower; ids in the given order."""
+        messages = list(messages)
+        ids: list[str] = [""] * len(messages)
+        flower = []
+        for i, message in enumerate(messages):
+            if self.gateway.owns_node(message.metadata.dst_node_id):
+                ids[i] = self.gateway.push(message)
+            else:
+                flower.append(i)
+        if flower:
+            pushed = list(self._grid.push_messages([messages[i] for i in flower]))
+            for i, message_id in zip(flower, pushed, strict=True):
+                ids[i] = message_id
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        phones, others = [], []
+        for message_id in message_ids:
+            (phones if self.gateway.owns_message(message_id) else others).append(message_id)
+        replies = list(self.gateway.pull(phones)) if phones else []
+        if others:
+            replies.extend(self._grid.pull_messages(others))
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        ids = [m for m in self.push_messages(messages) if m]
+        pending, replies = set(ids), []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending and (deadline is None or time.monotonic() < deadline):
+            for reply in self.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if pending:
+                time.sleep(POLL_SECONDS)
+        return replies

@@ -30,7 +30,7 @@ def check_error(result, out, *needles: str) -> None:
             ["raise data.min_chars or lower client.seq_len"],
         ),
         (["run.roundz=3"], ["unknown key 'run.roundz'", "run.rounds"]),
-        (["client.engine=sgd"], ["unknown client.engine 'sgd'"]),
+        (["client.engine=sgd"], ["client.engine", "'zeroth', 'auto'", "got 'sgd'"]),
     ],
 )
 def test_bad_scenario_values(tmp_path, overrides, needles):

@@ -38,6 +38,10 @@ def test_plain_install_has_only_fedtune_top_level(tmp_path):
         "strategies/registry.py",
         "simulations/quickstart.toml",
         "simulations/runner.py",
+        "proto/device.proto",
+        "proto/device_pb2.py",
+        "proto/device_pb2_grpc.py",
+        "clients/device.py",
     ):
         assert (target / "fedtune" / name).is_file(), name
 

@@ -1,0 +1,315 @@
+"""On-device artifacts of a run: ONNX Runtime training artifacts and an inference graph.
+
+A phone cannot run torch; it runs ONNX Runtime. For a run's base model and LoRA
+configuration this module builds, once:
+
+- the **training artifacts** of ``onnxruntime.training.artifacts.generate_artifacts``
+  (training, eval and optimizer models and a checkpoint) in which only the ``lora_*``
+  weights are trainable; the graph computes the model's own causal-LM loss from
+  ``input_ids``, ``attention_mask`` and ``labels``, and AdamW (torch's defaults, the
+  scenario's weight decay) updates the LoRA weights — what the ``backprop`` engine does;
+- an **inference graph** whose LoRA weights are graph *inputs* (loss out), for
+  zeroth-order devices that have only ONNX Runtime inference;
+- the tokenizer as ``tokenizer.json`` (the ``tokenizers`` format).
+
+The base is exported in fp32 and unquantized whatever ``model.quantization`` says: the
+artifacts are what a phone trains, and the server's adapter fits both. Everything is
+cached under ``$FEDTUNE_CACHE/artifacts/<key>``, where the key hashes every input of
+the build, and each file is named to devices by the sha256 of its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import LoraConfig
+
+ADAPTER_NAME = "default"
+"""PEFT's adapter name: it appears in parameter names, not in adapter keys."""
+OPSET = 17
+TRAINING_FILES = {
+    "training_model": "training_model.onnx",
+    "eval_model": "eval_model.onnx",
+    "optimizer_model": "optimizer_model.onnx",
+    "checkpoint": "checkpoint",
+}
+INFERENCE_FILE = "inference_model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+"""Bumped whenever the build changes what it writes (part of the cache key)."""
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One file of an artifact set, as devices see it."""
+
+    name: str
+    path: Path
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class AdapterTensor:
+    """One LoRA tensor: its adapter key, shape, and name in the ONNX graphs."""
+
+    key: str
+    shape: tuple[int, ...]
+    graph_name: str
+
+
+@dataclass(frozen=True)
+class ArtifactSet:
+    """The built artifacts of one (model, LoRA, optimizer) configuration."""
+
+    folder: Path
+    files: dict[str, ArtifactFile]
+    adapter: tuple[AdapterTensor, ...]
+
+    def file(self, name: str) -> ArtifactFile:
+        return self.files[name]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(model_name: str, num_layers: int, lora: LoraConfig, weight_decay: float) -> str:
+    """A hash of everything the build depends on (model identity, LoRA, versions)."""
+    import onnxruntime
+    import torch
+
+    identity: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "model": model_name,
+        "num_layers": num_layers,
+        "lora": [lora.r, lora.alpha, lora.dropout, list(lora.targets)],
+        "weight_decay": weight_decay,
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+    folder = Path(model_name).expanduser()
+    if folder.is_dir():  # a local model folder: its files' sizes and times identify it
+        identity["files"] = sorted(
+            (p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in folder.iterdir()
+        )
+    blob = json.dumps(identity, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def lora_graph_names(model: Any) -> dict[str, str]:
+    """Adapter key -> parameter name of every LoRA weight of a PEFT model."""
+    names = {}
+    for name, _ in model.named_parameters():
+        if "lora_" in name:
+            names[name.replace(f".{ADAPTER_NAME}", "")] = name
+    return names
+
+
+def build_artifacts(
+    model_name: str,
+    num_layers: int,
+    lora: LoraConfig,
+    weight_decay: float = 0.0,
+    cache: Path | None = None,
+) -> ArtifactSet:
+    """Build (or find in the cache) the artifact set of a model and LoRA configuration."""
+    from fedtune.models.base import _convert_once, cache_dir
+
+    root = Path(cache) if cache is not None else cache_dir() / "artifacts"
+    folder = root / cache_key(model_name, num_layers, lora, weight_decay)
+
+    def write(tmp: Path) -> None:
+        _export_all(model_name, num_layers, lora, weight_decay, tmp)
+
+    _convert_once(folder, write)
+    return load_artifacts(folder)
+
+
+def load_artifacts(folder: Path) -> ArtifactSet:
+    """The artifact set of a built folder (from its manifest)."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    files = {
+        name: ArtifactFile(name, folder / entry["file"], entry["sha256"], entry["size"])
+        for name, entry in manifest["files"].items()
+    }
+    adapter = tuple(
+        AdapterTensor(t["key"], tuple(t["shape"]), t["graph_name"]) for t in manifest["adapter"]
+    )
+    return ArtifactSet(folder, files, adapter)
+
+
+def _export_all(
+    model_name: str, num_layers: int, lora: LoraConfig, weight_decay: float, out: Path
+) -> None:
+    import onnxruntime
+    import torch
+
+    from fedtune.models import attach_lora, load_base_model, load_tokenizer
+
+    onnxruntime.set_default_logger_severity(3)  # the artifact build logs every graph pass
+    base = load_base_model(model_name, "fp32", num_layers, "none")
+    model = attach_lora(base, lora, seed=0)
+    model.eval()
+    graph_names = lora_graph_names(model)
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters() if "lora_" in k}
+    example = torch.zeros((2, 16), dtype=torch.long)
+    _export_training(model, graph_names, weight_decay, example, out)
+    _export_inference(model, graph_names, example, out / INFERENCE_FILE)
+    tokenizer = load_tokenizer(model_name)
+    (out / TOKENIZER_FILE).write_text(tokenizer.backend_tokenizer.to_str())
+
+    files = {**TRAINING_FILES, "inference_model": INFERENCE_FILE, "tokenizer": TOKENIZER_FILE}
+    manifest = {
+        "format": FORMAT_VERSION,
+        "model": model_name,
+        "files": {
+            name: {
+                "file": file,
+                "sha256": sha256_file(out / file),
+                "size": (out / file).stat().st_size,
+            }
+            for name, file in files.items()
+        },
+        "adapter": [
+            {
+                "key": key,
+                "shape": list(shapes[graph_names[key]]),
+                "graph_name": PREFIX + graph_names[key],
+            }
+            for key in sorted(graph_names)
+        ],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+class _LossOf:
+    """Factory of the torch modules that are exported (kept out of module scope, so
+    importing this file does not import torch)."""
+
+    @staticmethod
+    def training(model: Any) -> Any:
+        import torch
+
+        class Training(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
+                return self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, labels=labels
+                ).loss
+
+        return Training()
+
+    @staticmethod
+    def inference(model: Any, graph_names: dict[str, str]) -> Any:
+        """The loss with every LoRA weight taken from an input: the LoRA Parameters are
+        removed and the inputs assigned in their place on each call (FACTS.md; the
+        stateless API cannot be traced)."""
+        import torch
+
+        keys = sorted(graph_names)
+        owners = []
+        for key in keys:
+            path, attr = graph_names[key].rsplit(".", 1)
+            owners.append((model.get_submodule(path), attr))
+
+        class Inference(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+                for module, attr in owners:
+                    del module._parameters[attr]
+
+            def forward(self, input_ids: Any, attention_mask: Any, labels: Any, *lora: Any) -> Any:
+                for (module, attr), weight in zip(owners, lora, strict=True):
+                    setattr(module, attr, weight)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+                return out.loss
+
+        return Inference()
+
+
+DYNAMIC = {name: {0: "batch", 1: "seq"} for name in ("input_ids", "attention_mask", "labels")}
+PREFIX = "model."
+"""The exported wrapper holds the PEFT model as ``model``: graph names get this prefix."""
+
+
+def _export_training(
+    model: Any, graph_names: dict[str, str], weight_decay: float, example: Any, out: Path
+) -> None:
+    import onnx
+    import torch
+    from onnxruntime.training import artifacts as ort_artifacts
+    from onnxruntime.training.onnxblock.optim import AdamW
+
+    wrapper = _LossOf.training(model)
+    onnx_path = out / "exported.onnx"
+    # FACTS.md: TorchScript export in training mode without constant folding keeps the
+    # parameter names; the all-ones mask avoids aten::diff, which opset 17 lacks.
+    torch.onnx.export(
+        wrapper,
+        (example, torch.ones_like(example), example),
+        str(onnx_path),
+        input_names=["input_ids", "attention_mask", "labels"],
+        output_names=["loss"],
+        dynamic_axes=DYNAMIC,
+        opset_version=OPSET,
+        do_constant_folding=False,
+        training=torch.onnx.TrainingMode.TRAINING,
+        dynamo=False,
+    )
+    exported = onnx.load(str(onnx_path))
+    initializers = {i.name for i in exported.graph.initializer}
+    trainable = sorted(PREFIX + n for n in graph_names.values())
+    missing = [n for n in trainable if n not in initializers]
+    if missing:
+        raise RuntimeError(f"LoRA weights lost in the ONNX export: {missing[:3]}")
+    frozen = sorted(initializers - set(trainable))
+    logging.getLogger(__name__).info("ORT artifacts: %d trainable tensors", len(trainable))
+    ort_artifacts.generate_artifacts(
+        exported,
+        requires_grad=trainable,
+        frozen_params=frozen,
+        loss=None,  # the graph's output already is the loss
+        optimizer=AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay),
+        artifact_directory=str(out),
+    )
+    onnx_path.unlink()
+
+
+def _export_inference(model: Any, graph_names: dict[str, str], example: Any, path: Path) -> None:
+    import torch
+
+    keys = sorted(graph_names)
+    params = dict(model.named_parameters())
+    lora = tuple(params[graph_names[k]].detach().clone() for k in keys)
+    torch.onnx.export(
+        _LossOf.inference(model, graph_names),
+        (example, torch.ones_like(example), example, *lora),
+        str(path),
+        input_names=[
+            "input_ids",
+            "attention_mask",
+            "labels",
+            *(PREFIX + graph_names[k] for k in keys),
+        ],
+        output_names=["loss"],
+        dynamic_axes=DYNAMIC,
+        opset_version=OPSET,
+        do_constant_folding=True,
+        dynamo=False,
+    )

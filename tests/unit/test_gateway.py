@@ -1,0 +1,433 @@
+"""The device gateway on a real gRPC server over loopback, with the reference client.
+
+Bad input gets its status code and ErrorDetail, and touches nothing else: the round
+loop sees a bad update as an error reply with a reason, the other phones' tasks go on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+
+import grpc
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedtune.artifacts import build_artifacts
+from fedtune.clients.device import DeviceClient, DeviceError, chunk_text, error_of, train_zeroth
+from fedtune.config import GatewayConfig, LoraConfig, client_spec, load_scenario
+from fedtune.data.sources import load_shakespeare
+from fedtune.engines.seeds import replay, seed_pool
+from fedtune.proto import device_pb2 as pb
+from fedtune.proto.tensors import from_bundle, to_bundle
+from fedtune.server.gateway import Gateway, GatewaySettings
+from fedtune.server.grid import DeviceGrid, GatewayGrid
+from fedtune.wire import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    check_seed_reply,
+    check_update,
+    expected_specs,
+    to_record,
+)
+
+from .node_grid import NodeListGrid, task_identity
+
+TOKEN = "enrol-me-please"
+LORA = LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj"))
+
+
+@pytest.fixture(autouse=True)
+def _flower_task():
+    with task_identity():  # Flower builds Messages only inside a task
+        yield
+
+
+@pytest.fixture(scope="module")
+def artifacts():
+    return build_artifacts("tiny-llama", 0, LORA)
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    from fedtune.models import adapter_state, attach_lora, load_base_model
+
+    return adapter_state(attach_lora(load_base_model("tiny-llama"), LORA, seed=0))
+
+
+@pytest.fixture(scope="module")
+def text():
+    return "\n".join(c.text for c in load_shakespeare()[:3])[:6000]
+
+
+def start(artifacts, **overrides):
+    settings = {"max_chunk_kb": 64, "rate": 200.0, "burst": 200, **overrides}
+    config = GatewayConfig(enabled=True, port=0, token=TOKEN, **settings)
+    gateway = Gateway(GatewaySettings(config, client_indices=(0, 1, 2)), artifacts)
+    gateway.start()
+    return gateway
+
+
+@pytest.fixture()
+def gateway(artifacts):
+    gw = start(artifacts)
+    yield gw
+    gw.stop(grace=0.1)
+
+
+def device(gateway, tmp_path, name="a", certs=None):
+    return DeviceClient(
+        f"127.0.0.1:{gateway.port}", TOKEN, tmp_path / f"dev-{name}", certs, name=name
+    )
+
+
+def train_message(node_id, adapter, rnd=1, *settings):
+    scenario = load_scenario("tiny", ["client.local_steps=2", "client.batch_size=2", *settings])
+    config = ConfigRecord({**client_spec(scenario), "round": rnd})
+    return Message(
+        RecordDict({ARRAYS_KEY: to_record(adapter), CONFIG_KEY: config}),
+        dst_node_id=node_id,
+        message_type=MessageType.TRAIN,
+    )
+
+
+def enrolled(gateway, tmp_path, names=("a",)):
+    clients = [device(gateway, tmp_path, n) for n in names]
+    for c in clients:
+        c.enroll()
+    return clients
+
+
+def node_of(gateway, client):
+    return gateway.devices[client.device_id].node_id
+
+
+def status_and_code(excinfo):
+    exc = excinfo.value
+    if isinstance(exc, grpc.RpcError):
+        exc = error_of(exc)
+    return exc.code, exc.detail.code
+
+
+def test_wrong_enrollment_token_and_wrong_credential_are_unauthenticated(gateway, tmp_path):
+    stranger = DeviceClient(f"127.0.0.1:{gateway.port}", "not-the-token", tmp_path / "s")
+    with pytest.raises(DeviceError) as excinfo:
+        stranger.enroll()
+    assert status_and_code(excinfo) == (grpc.StatusCode.UNAUTHENTICATED, pb.BAD_ENROLLMENT_TOKEN)
+
+    (phone,) = enrolled(gateway, tmp_path)
+    assert phone.check_in().WhichOneof("outcome") == "wait"
+    phone.credential = "forged"
+    with pytest.raises(DeviceError) as excinfo:
+        phone.check_in()
+    assert status_and_code(excinfo) == (grpc.StatusCode.UNAUTHENTICATED, pb.BAD_CREDENTIAL)
+    phone.device_id = "unknown-device"
+    with pytest.raises(DeviceError) as excinfo:
+        phone.fetch(pb.ArtifactRef(name="x", artifact_id="00"))
+    assert status_and_code(excinfo) == (grpc.StatusCode.UNAUTHENTICATED, pb.BAD_CREDENTIAL)
+
+
+def test_phones_are_nodes_of_the_device_grid_and_train(gateway, tmp_path, adapter, text):
+    phones = enrolled(gateway, tmp_path, ("a", "b"))
+    grid = DeviceGrid(GatewayGrid(NodeListGrid([]), gateway))
+    found = grid.discover(expected=2, population=3, timeout=5)
+    assert sorted(info.client_index for info in found.values()) == [0, 1]
+
+    messages = [train_message(node_of(gateway, p), adapter) for p in phones]
+    ids = list(grid.push_messages(messages))
+    for phone in phones:
+        task = phone.check_in().task
+        assert task.round == 1 and task.config.engine == "backprop"
+        assert phone.run_task(task, text).accepted
+    replies = {r.metadata.reply_to_message_id: r for r in grid.pull_messages(ids)}
+    assert set(replies) == set(ids)
+    for reply in replies.values():
+        state, reason = check_update(reply, expected_specs(adapter), 1 << 24)
+        assert reason is None
+        assert any(not np.array_equal(state[k], adapter[k]) for k in adapter)
+    # The task is done: the next check-in has nothing.
+    assert phones[0].check_in().WhichOneof("outcome") == "wait"
+
+
+def test_a_zeroth_phone_uploads_seed_steps_that_replay_to_its_adapter(
+    gateway, tmp_path, adapter, text
+):
+    (phone,) = enrolled(gateway, tmp_path)
+    message = train_message(
+        node_of(gateway, phone), adapter, 1, "client.engine=zeroth", "client.num_seeds=64"
+    )
+    message_id = gateway.push(message)
+    task = phone.check_in().task
+    assert task.config.engine == "zeroth"
+    assert {a.name for a in task.artifacts} == {"inference_model", "tokenizer", "adapter"}
+    paths = {ref.name: phone.fetch(ref) for ref in task.artifacts}
+    start = from_bundle(paths["adapter"].read_bytes())
+    chunks = chunk_text(paths["tokenizer"], text, task.config.seq_len)
+    result = train_zeroth(paths, start, list(task.adapter), chunks, task.config)
+    metrics = pb.UpdateMetrics(num_examples=result.num_examples, loss=result.losses[0])
+    assert phone.submit(task, {}, metrics, steps=result.steps).accepted
+    (reply,) = gateway.pull([message_id])
+    steps, reason = check_seed_reply(reply, 64, 2)
+    assert reason is None and steps == result.steps
+    lr = message.content.config_records[CONFIG_KEY]["client.lr"]
+    replayed = replay(adapter, steps, seed_pool(0, 64), lr)
+    for key in adapter:  # the server's replay gives the phone's adapter bit for bit
+        assert np.array_equal(replayed[key].numpy(), result.arrays[key]), key
+
+
+def test_seed_catch_up_is_replayed_by_the_gateway_and_checked(gateway, tmp_path, adapter):
+    import torch
+
+    from fedtune.engines.seeds import adapter_digest
+    from fedtune.wire import CATCH_UP_KEY, DIGEST_KEY, SEEDS_KEY, VERSION_KEY, seeds_to_record
+
+    (phone,) = enrolled(gateway, tmp_path)
+    node = node_of(gateway, phone)
+    first = train_message(node, adapter, 1, "client.engine=zeroth", "client.num_seeds=64")
+    first.content[CONFIG_KEY] = ConfigRecord({**first.content[CONFIG_KEY], VERSION_KEY: 3})
+    gateway.push(first)
+    steps = [(5, 0.25), (17, -1.5)]
+    lr = first.content[CONFIG_KEY]["client.lr"]
+    current = replay(adapter, steps, seed_pool(0, 64), lr)
+
+    def catch_up(digest):
+        message = train_message(node, adapter, 2, "client.engine=zeroth", "client.num_seeds=64")
+        del message.content[ARRAYS_KEY]
+        message.content[SEEDS_KEY] = seeds_to_record(steps)
+        config = {**message.content[CONFIG_KEY], VERSION_KEY: 4, CATCH_UP_KEY: 3}
+        message.content[CONFIG_KEY] = ConfigRecord({**config, DIGEST_KEY: digest})
+        return gateway.push(message)
+
+    refused = catch_up("not-the-digest")
+    (reply,) = gateway.pull([refused])
+    assert reply.has_error() and "differs from the server's" in reply.error.reason
+    catch_up(adapter_digest(current))
+    task = phone.check_in().task
+    assert task.round == 2
+    ref = next(a for a in task.artifacts if a.name == "adapter")
+    sent = from_bundle(phone.fetch(ref).read_bytes())
+    assert all(torch.equal(torch.from_numpy(sent[k]), current[k]) for k in current)
+
+
+def test_a_repeated_submit_with_the_same_key_is_accepted_once(gateway, tmp_path, adapter):
+    (phone,) = enrolled(gateway, tmp_path)
+    message_id = gateway.push(train_message(node_of(gateway, phone), adapter))
+    task = phone.check_in().task
+    arrays = {k: v.numpy() + 0.01 for k, v in adapter.items()}
+    metrics = pb.UpdateMetrics(num_examples=4, loss=3.0)
+    first = phone.submit(task, arrays, metrics, key="key-1")
+    again = phone.submit(task, arrays, metrics, key="key-1")
+    assert (first.accepted, first.duplicate) == (True, False)
+    assert (again.accepted, again.duplicate) == (True, True)
+    assert len(gateway.pull([message_id])) == 1
+    assert gateway.pull([message_id]) == []
+    with pytest.raises(DeviceError) as excinfo:
+        phone.submit(task, arrays, metrics, key="key-2")
+    assert status_and_code(excinfo) == (grpc.StatusCode.FAILED_PRECONDITION, pb.TASK_CLOSED)
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [
+        (lambda a, k: a.__setitem__(k, np.full_like(a[k], np.nan)), "non-finite"),
+        (lambda a, k: a.__setitem__(k, np.zeros((3, 3), np.float32)), "shape"),
+        (lambda a, k: a.pop(k), "missing"),
+    ],
+    ids=["nan", "wrong-shape", "missing-tensor"],
+)
+def test_a_bad_update_is_rejected_with_a_reason_and_others_go_on(
+    gateway, tmp_path, adapter, corrupt, reason
+):
+    bad, good = enrolled(gateway, tmp_path, ("bad", "good"))
+    ids = {p.name: gateway.push(train_message(node_of(gateway, p), adapter)) for p in (bad, good)}
+    arrays = {k: v.numpy().copy() for k, v in adapter.items()}
+    corrupt(arrays, sorted(arrays)[0])
+    bad_task = bad.check_in().task
+    with pytest.raises(DeviceError) as excinfo:
+        bad.submit(bad_task, arrays, pb.UpdateMetrics(num_examples=4, loss=1.0))
+    assert status_and_code(excinfo) == (grpc.StatusCode.INVALID_ARGUMENT, pb.BAD_UPDATE)
+    assert reason in str(excinfo.value)
+    (rejected,) = gateway.pull([ids["bad"]])
+    state, why = check_update(rejected, expected_specs(adapter), 1 << 24)
+    assert state is None and reason in why
+
+    fine = {k: v.numpy() for k, v in adapter.items()}
+    answer = good.submit(good.check_in().task, fine, pb.UpdateMetrics(num_examples=4, loss=1.0))
+    assert answer.accepted
+    (accepted,) = gateway.pull([ids["good"]])
+    assert check_update(accepted, expected_specs(adapter), 1 << 24)[1] is None
+
+
+def raw_upload(phone, header, chunks):
+    def stream():
+        yield pb.UpdateChunk(header=header)
+        for data in chunks:
+            yield pb.UpdateChunk(data=data)
+
+    with pytest.raises(grpc.RpcError) as excinfo:
+        phone.stub.SubmitUpdate(stream(), metadata=phone.auth, timeout=30)
+    return excinfo
+
+
+def test_oversized_chunks_and_updates_are_resource_exhausted(gateway, tmp_path, adapter):
+    (phone,) = enrolled(gateway, tmp_path)
+    gateway.push(train_message(node_of(gateway, phone), adapter))
+    task = phone.check_in().task
+    limit = 64 * 1024
+    header = pb.UpdateHeader(
+        task_id=task.task_id, round=task.round, idempotency_key="k", total_size=limit + 1
+    )
+    excinfo = raw_upload(phone, header, [b"\0" * (limit + 1)])  # over the gateway's limit
+    assert status_and_code(excinfo) == (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.TOO_LARGE)
+    excinfo = raw_upload(phone, header, [b"\0" * (4 * limit)])  # over gRPC's message limit
+    assert excinfo.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    header.total_size = 1 << 30
+    excinfo = raw_upload(phone, header, [])
+    assert status_and_code(excinfo) == (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.TOO_LARGE)
+    # A payload whose checksum differs is refused, and the task stays open for a retry.
+    payload = to_bundle({k: v.numpy() for k, v in adapter.items()})
+    header = pb.UpdateHeader(
+        task_id=task.task_id,
+        round=task.round,
+        idempotency_key="k",
+        total_size=len(payload),
+        sha256="0" * 64,
+        metrics=pb.UpdateMetrics(num_examples=1, loss=1.0),
+    )
+    excinfo = raw_upload(phone, header, [payload])
+    assert status_and_code(excinfo) == (grpc.StatusCode.INVALID_ARGUMENT, pb.CHECKSUM_MISMATCH)
+    arrays = {k: v.numpy() for k, v in adapter.items()}
+    assert phone.submit(task, arrays, pb.UpdateMetrics(num_examples=1, loss=1.0)).accepted
+
+
+def test_a_device_over_its_rate_is_told_when_to_come_back(artifacts, tmp_path):
+    gateway = start(artifacts, rate=0.5, burst=3)
+    try:
+        (phone,) = enrolled(gateway, tmp_path)
+        for _ in range(3):
+            phone.check_in()
+        with pytest.raises(DeviceError) as excinfo:
+            phone.check_in()
+        assert status_and_code(excinfo) == (grpc.StatusCode.RESOURCE_EXHAUSTED, pb.RATE_LIMITED)
+        assert excinfo.value.detail.retry_after_seconds >= 1
+    finally:
+        gateway.stop(grace=0.1)
+
+
+def test_a_broken_download_resumes_from_its_offset(gateway, tmp_path, artifacts):
+    (phone,) = enrolled(gateway, tmp_path)
+    file = artifacts.file("checkpoint")
+    ref = pb.ArtifactRef(name="checkpoint", artifact_id=file.sha256, size=file.size)
+    part = phone.fetch(ref, stop_after=1)  # the link breaks after the first chunk
+    assert part.suffix == ".part" and 0 < part.stat().st_size < file.size
+    done = phone.fetch(ref)
+    assert hashlib.sha256(done.read_bytes()).hexdigest() == file.sha256
+    assert not part.exists()
+    with pytest.raises(grpc.RpcError) as excinfo:
+        list(
+            phone.stub.GetArtifact(
+                pb.GetArtifactRequest(artifact_id=file.sha256, offset=file.size + 1),
+                metadata=phone.auth,
+            )
+        )
+    assert status_and_code(excinfo) == (grpc.StatusCode.OUT_OF_RANGE, pb.BAD_OFFSET)
+    with pytest.raises(DeviceError) as excinfo:
+        phone.fetch(pb.ArtifactRef(name="x", artifact_id="ab" * 32))
+    assert status_and_code(excinfo) == (grpc.StatusCode.NOT_FOUND, pb.UNKNOWN_ARTIFACT)
+
+
+def self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "gateway.pem", tmp_path / "gateway.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_gateway_takes_tls_clients_only(artifacts, tmp_path):
+    cert, key = self_signed(tmp_path)
+    gateway = start(artifacts, tls_certificate=str(cert), tls_private_key=str(key))
+    try:
+        phone = DeviceClient(
+            f"localhost:{gateway.port}", TOKEN, tmp_path / "tls", cert.read_bytes()
+        )
+        phone.enroll()
+        assert phone.check_in().WhichOneof("outcome") == "wait"
+        plain = DeviceClient(
+            f"localhost:{gateway.port}", TOKEN, tmp_path / "plain", connect_timeout=2
+        )
+        with pytest.raises(DeviceError) as excinfo:
+            plain.enroll()  # no TLS handshake: the channel never becomes ready
+        assert excinfo.value.code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
+    finally:
+        gateway.stop(grace=0.1)
+
+
+def test_finished_run_tells_phones_to_stop(gateway, tmp_path, text):
+    (phone,) = enrolled(gateway, tmp_path)
+    gateway.finish()
+    assert phone.check_in().WhichOneof("outcome") == "finished"
+    assert phone.run(text) == 0
+
+
+def test_the_gateway_section_is_checked_like_any_other():
+    from fedtune.errors import ConfigError
+
+    scenario = load_scenario("tiny", ["gateway.enabled=true", f"gateway.token={TOKEN}"])
+    assert scenario.gateway.enabled and scenario.gateway.port == 9300
+    with pytest.raises(ConfigError, match="gateway.prot.*did you mean 'gateway.port'"):
+        load_scenario("tiny", ["gateway.prot=1"])
+    with pytest.raises(ConfigError, match="gateway.token"):
+        load_scenario("tiny", ["gateway.enabled=true"])
+    with pytest.raises(ConfigError, match="tls_private_key"):
+        load_scenario("tiny", ["gateway.tls_certificate=cert.pem"])
+
+
+def test_a_newer_task_supersedes_and_old_ones_are_forgotten(gateway, tmp_path, adapter):
+    (phone,) = enrolled(gateway, tmp_path)
+    node = node_of(gateway, phone)
+    gateway.push(train_message(node, adapter, 1))
+    old = phone.check_in().task
+    for rnd in (2, 3):
+        gateway.push(train_message(node, adapter, rnd))
+    assert phone.check_in().task.round == 3
+    assert len(gateway._tasks) == 2  # the current task and the one before it
+    arrays = {k: v.numpy() for k, v in adapter.items()}
+    with pytest.raises(DeviceError) as excinfo:  # round 1's task is gone
+        phone.submit(old, arrays, pb.UpdateMetrics(num_examples=1, loss=1.0))
+    assert status_and_code(excinfo) == (grpc.StatusCode.NOT_FOUND, pb.UNKNOWN_TASK)

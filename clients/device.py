@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,8 @@ class TrainResult:
     seconds: float
     steps: list[tuple[int, float]] | None = None
     """``zeroth``: (seed-pool index, scalar) per step, which is what is uploaded."""
+    step_seconds: list[tuple[float, float]] = field(default_factory=list)
+    """(wall, CPU) seconds of each local step, session set-up excluded (benchmarks)."""
 
 
 def batch_order(num_chunks: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
@@ -137,16 +139,23 @@ def train_backprop(
     optimizer = capi.Optimizer(str(paths["optimizer_model"]), state, device, options)
     optimizer.set_learning_rate(float(config.lr))
     losses = []
+    timings = []
     for index in batch_order(len(chunks), config.batch_size, config.local_steps, config.seed):
+        wall, cpu = time.perf_counter(), time.process_time()
         input_ids = np.ascontiguousarray(chunks[index], dtype=np.int64)
         fetches = capi.OrtValueVector()
         module.train_step([input_ids, np.ones_like(input_ids), input_ids], fetches)
         losses.append(float(fetches[0].numpy()))
         optimizer.optimizer_step()
         module.lazy_reset_grad()
+        timings.append((time.perf_counter() - wall, time.process_time() - cpu))
     arrays = {s.name: state.get_parameter(s.graph_name).data.numpy().copy() for s in specs}
     return TrainResult(
-        arrays, config.local_steps * config.batch_size, losses, time.perf_counter() - started
+        arrays,
+        config.local_steps * config.batch_size,
+        losses,
+        time.perf_counter() - started,
+        step_seconds=timings,
     )
 
 
@@ -194,6 +203,7 @@ def train_zeroth(
     eps = float(config.eps)
     losses: list[float] = []
     steps: list[tuple[int, float]] = []
+    timings: list[tuple[float, float]] = []
 
     def loss_at(weights: dict[str, np.ndarray], input_ids: np.ndarray) -> float:
         feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
@@ -203,6 +213,7 @@ def train_zeroth(
 
     batches = batch_order(len(chunks), config.batch_size, config.local_steps, config.seed)
     for index, pick in zip(batches, picks.tolist(), strict=True):
+        wall, cpu = time.perf_counter(), time.process_time()
         input_ids = np.ascontiguousarray(chunks[index], dtype=np.int64)
         z = perturbation(pool[pick], shapes)
         plus = loss_at({k: master[k] + np.float32(eps) * z[k] for k in keys}, input_ids)
@@ -213,12 +224,14 @@ def train_zeroth(
             master[key] = (master[key] - step * z[key]).astype(np.float32)
         losses.append((plus + minus) / 2)
         steps.append((int(pick), scalar))
+        timings.append((time.perf_counter() - wall, time.process_time() - cpu))
     return TrainResult(
         master,
         config.local_steps * config.batch_size,
         losses,
         time.perf_counter() - started,
         steps,
+        timings,
     )
 
 

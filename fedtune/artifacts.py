@@ -12,8 +12,21 @@ configuration this module builds, once:
   zeroth-order devices that have only ONNX Runtime inference;
 - the tokenizer as ``tokenizer.json`` (the ``tokenizers`` format).
 
-The base is exported in fp32 and unquantized whatever ``model.quantization`` says: the
-artifacts are what a phone trains, and the server's adapter fits both. Everything is
+The base is exported in fp32 whatever ``model.quantization`` says: the artifacts are
+what a phone trains, and the server's adapter fits both. ``int8`` (``gateway.artifact_int8``)
+then optionally stores the *frozen* weights in int8, never a ``lora_*`` tensor:
+
+- ``"weights"``: every frozen 2-D weight (decoder projections, embedding, LM head)
+  becomes int8 with one fp32 scale per output channel (symmetric, zero point 0) and a
+  ``DequantizeLinear`` in front of its use, in the training artifacts and the inference
+  graph. The arithmetic stays fp32, so ORT training differentiates through it as before;
+  files and checkpoint shrink, a session's peak memory does not (it dequantizes).
+- ``"dynamic"``: the inference graph only, through ``onnxruntime.quantization.
+  quantize_dynamic`` (``DynamicQuantizeLinear`` + ``MatMulInteger``: int8 arithmetic,
+  activations quantized per call), the embedding as in ``"weights"``. ORT training has
+  no gradient for ``DynamicQuantizeLinear``, so no training artifacts are built and only
+  ``zeroth`` phones can be served; its loss is not smooth at small scales (use
+  ``client.eps`` >= 1e-2). Everything is
 cached under ``$FEDTUNE_CACHE/artifacts/<key>``, where the key hashes every input of
 the build, and each file is named to devices by the sha256 of its bytes.
 """
@@ -43,6 +56,13 @@ TOKENIZER_FILE = "tokenizer.json"
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 """Bumped whenever the build changes what it writes (part of the cache key)."""
+INT8_MODES = ("none", "weights", "dynamic")
+"""Values of ``int8`` (``gateway.artifact_int8``): how the frozen weights are stored."""
+NO_TRAINING_GRADIENT = (
+    "ONNX Runtime training has no gradient for DynamicQuantizeLinear/MatMulInteger, so "
+    "artifact_int8 = 'dynamic' builds no training artifacts and serves only engine "
+    "'zeroth'; use artifact_int8 = 'weights' (int8 storage, fp32 arithmetic) for backprop"
+)
 
 
 @dataclass(frozen=True)
@@ -84,8 +104,10 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model_name: str, num_layers: int, lora: LoraConfig, weight_decay: float) -> str:
-    """A hash of everything the build depends on (model identity, LoRA, versions)."""
+def cache_key(
+    model_name: str, num_layers: int, lora: LoraConfig, weight_decay: float, int8: str = "none"
+) -> str:
+    """A hash of everything the build depends on (model identity, LoRA, int8, versions)."""
     import onnxruntime
     import torch
 
@@ -99,6 +121,8 @@ def cache_key(model_name: str, num_layers: int, lora: LoraConfig, weight_decay: 
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
     }
+    if int8 != "none":  # fp32 builds keep the keys they had before int8 existed
+        identity["int8"] = int8
     folder = Path(model_name).expanduser()
     if folder.is_dir():  # a local model folder: its files' sizes and times identify it
         identity["files"] = sorted(
@@ -123,15 +147,21 @@ def build_artifacts(
     lora: LoraConfig,
     weight_decay: float = 0.0,
     cache: Path | None = None,
+    int8: str = "none",
 ) -> ArtifactSet:
-    """Build (or find in the cache) the artifact set of a model and LoRA configuration."""
+    """Build (or find in the cache) the artifact set of a model and LoRA configuration.
+
+    ``int8`` is one of :data:`INT8_MODES` (see the module docstring); with ``"dynamic"``
+    the set holds no training artifacts."""
     from fedtune.models.base import _convert_once, cache_dir
 
+    if int8 not in INT8_MODES:
+        raise ValueError(f"int8 must be one of {INT8_MODES}, got {int8!r}")
     root = Path(cache) if cache is not None else cache_dir() / "artifacts"
-    folder = root / cache_key(model_name, num_layers, lora, weight_decay)
+    folder = root / cache_key(model_name, num_layers, lora, weight_decay, int8)
 
     def write(tmp: Path) -> None:
-        _export_all(model_name, num_layers, lora, weight_decay, tmp)
+        _export_all(model_name, num_layers, lora, weight_decay, tmp, int8)
 
     _convert_once(folder, write)
     return load_artifacts(folder)
@@ -151,8 +181,10 @@ def load_artifacts(folder: Path) -> ArtifactSet:
 
 
 def _export_all(
-    model_name: str, num_layers: int, lora: LoraConfig, weight_decay: float, out: Path
+    model_name: str, num_layers: int, lora: LoraConfig, weight_decay: float, out: Path, int8: str
 ) -> None:
+    import time
+
     import onnxruntime
     import torch
 
@@ -165,15 +197,24 @@ def _export_all(
     graph_names = lora_graph_names(model)
     shapes = {k: tuple(p.shape) for k, p in model.named_parameters() if "lora_" in k}
     example = torch.zeros((2, 16), dtype=torch.long)
-    _export_training(model, graph_names, weight_decay, example, out)
-    _export_inference(model, graph_names, example, out / INFERENCE_FILE)
+    seconds: dict[str, float] = {}
+    files = {"inference_model": INFERENCE_FILE, "tokenizer": TOKENIZER_FILE}
+    if int8 != "dynamic":
+        started = time.perf_counter()
+        _export_training(model, graph_names, weight_decay, example, out, int8 == "weights")
+        seconds["training"] = round(time.perf_counter() - started, 2)
+        files.update(TRAINING_FILES)
+    started = time.perf_counter()
+    _export_inference(model, graph_names, example, out / INFERENCE_FILE, int8)
+    seconds["inference"] = round(time.perf_counter() - started, 2)
     tokenizer = load_tokenizer(model_name)
     (out / TOKENIZER_FILE).write_text(tokenizer.backend_tokenizer.to_str())
 
-    files = {**TRAINING_FILES, "inference_model": INFERENCE_FILE, "tokenizer": TOKENIZER_FILE}
     manifest = {
         "format": FORMAT_VERSION,
         "model": model_name,
+        "int8": int8,
+        "build_seconds": seconds,
         "files": {
             name: {
                 "file": file,
@@ -249,7 +290,12 @@ PREFIX = "model."
 
 
 def _export_training(
-    model: Any, graph_names: dict[str, str], weight_decay: float, example: Any, out: Path
+    model: Any,
+    graph_names: dict[str, str],
+    weight_decay: float,
+    example: Any,
+    out: Path,
+    int8: bool = False,
 ) -> None:
     import onnx
     import torch
@@ -278,6 +324,9 @@ def _export_training(
     missing = [n for n in trainable if n not in initializers]
     if missing:
         raise RuntimeError(f"LoRA weights lost in the ONNX export: {missing[:3]}")
+    if int8:
+        quantize_frozen_weights(exported)
+        initializers = {i.name for i in exported.graph.initializer}
     frozen = sorted(initializers - set(trainable))
     logging.getLogger(__name__).info("ORT artifacts: %d trainable tensors", len(trainable))
     ort_artifacts.generate_artifacts(
@@ -291,7 +340,10 @@ def _export_training(
     onnx_path.unlink()
 
 
-def _export_inference(model: Any, graph_names: dict[str, str], example: Any, path: Path) -> None:
+def _export_inference(
+    model: Any, graph_names: dict[str, str], example: Any, path: Path, int8: str = "none"
+) -> None:
+    import onnx
     import torch
 
     keys = sorted(graph_names)
@@ -313,3 +365,71 @@ def _export_inference(model: Any, graph_names: dict[str, str], example: Any, pat
         do_constant_folding=True,
         dynamo=False,
     )
+    if int8 == "weights":
+        graph = onnx.load(str(path))
+        quantize_frozen_weights(graph)
+        onnx.save(graph, str(path))
+    elif int8 == "dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # Only MatMuls with a constant B: the LoRA weights are graph inputs, so they and
+        # the attention products stay fp32; the embedding's Gather is left to the pass below.
+        quantize_dynamic(
+            path,
+            path,
+            op_types_to_quantize=["MatMul"],
+            weight_type=QuantType.QInt8,
+            extra_options={"MatMulConstBOnly": True},
+        )
+        graph = onnx.load(str(path))
+        quantize_frozen_weights(graph)
+        onnx.save(graph, str(path))
+
+
+def quantize_frozen_weights(graph: Any) -> list[str]:
+    """Store every float32 2-D initializer but the ``lora_*`` ones as int8 (in place).
+
+    Symmetric per output channel: ``q = round(w / s)`` in [-127, 127] with
+    ``s = max|w| / 127`` per channel, and ``DequantizeLinear(q, s)`` under the old
+    name, so every consumer is unchanged. The channel axis is 1 for the B input of a
+    MatMul (``[in, out]``) and 0 otherwise (torch's ``[out, in]`` under a Transpose,
+    an embedding's rows). Returns the names quantized.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    column = {n.input[1] for n in graph.graph.node if n.op_type == "MatMul" and len(n.input) > 1}
+    kept: list[Any] = []
+    added: list[Any] = []
+    names: list[str] = []
+    for tensor in graph.graph.initializer:
+        if tensor.data_type != TensorProto.FLOAT or len(tensor.dims) != 2 or "lora_" in tensor.name:
+            kept.append(tensor)
+            continue
+        weight = numpy_helper.to_array(tensor)
+        axis = 1 if tensor.name in column else 0
+        scale = np.abs(weight).max(axis=1 - axis) / 127.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        shaped = scale.reshape((1, -1) if axis == 1 else (-1, 1))
+        q = np.clip(np.rint(weight / shaped), -127, 127).astype(np.int8)
+        kept.append(numpy_helper.from_array(q, f"{tensor.name}_int8"))
+        kept.append(numpy_helper.from_array(scale, f"{tensor.name}_scale"))
+        # An explicit int8 zero point: without one, ORT training's graph passes insert a
+        # QuantizeLinear typed uint8 and the training Module fails to load.
+        kept.append(numpy_helper.from_array(np.zeros_like(scale, np.int8), f"{tensor.name}_zero"))
+        added.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{tensor.name}_int8", f"{tensor.name}_scale", f"{tensor.name}_zero"],
+                [tensor.name],
+                name=f"{tensor.name}_dequantize",
+                axis=axis,
+            )
+        )
+        names.append(tensor.name)
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(kept)
+    nodes = added + list(graph.graph.node)  # the dequantized weights exist before any use
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    return names

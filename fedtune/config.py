@@ -428,6 +428,10 @@ class GatewayConfig:
     """Calls a device may make at once before ``rate`` applies."""
     check_in_s: int = 5
     """Seconds a phone with no task is told to wait before checking in again."""
+    artifact_int8: str = "none"
+    """Frozen weights of the on-device artifacts: ``none`` (fp32), ``weights`` (int8
+    storage, fp32 arithmetic; training and inference) or ``dynamic`` (int8 MatMuls in the
+    inference graph; no training artifacts, so ``zeroth`` phones only)."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, "gateway.port", "must be in [0, 65535]")
@@ -447,6 +451,11 @@ class GatewayConfig:
         _check(self.rate > 0, "gateway.rate", "must be positive")
         _check(self.burst >= 1, "gateway.burst", "must be at least 1")
         _check(self.check_in_s >= 1, "gateway.check_in_s", "must be at least 1")
+        _check(
+            self.artifact_int8 in ("none", "weights", "dynamic"),
+            "gateway.artifact_int8",
+            f"must be 'none', 'weights' or 'dynamic', got {self.artifact_int8!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -486,6 +495,18 @@ class Scenario:
             "privacy.secure_aggregation",
             f"masks adapter updates; client.engine = {self.client.engine!r} uploads seed "
             "steps: use central or local DP without secure aggregation",
+        )
+        _check(
+            not (
+                self.gateway.enabled
+                and self.gateway.artifact_int8 == "dynamic"
+                and self.client.engine != "zeroth"
+            ),
+            "gateway.artifact_int8",
+            f"= 'dynamic' with client.engine = {self.client.engine!r}: ONNX Runtime training "
+            "has no gradient for DynamicQuantizeLinear/MatMulInteger, so phones could not "
+            "train by backprop; use 'weights' (int8 storage, fp32 arithmetic) or "
+            "client.engine = 'zeroth'",
         )
 
     def to_toml(self) -> str:

@@ -46,7 +46,7 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 
-from fedtune.artifacts import ArtifactSet
+from fedtune.artifacts import NO_TRAINING_GRADIENT, ArtifactSet
 from fedtune.config import GatewayConfig, Scenario
 from fedtune.errors import ConfigError
 from fedtune.proto import device_pb2 as pb
@@ -322,6 +322,8 @@ class Gateway:
             raise ValueError("FedProx's proximal term is not supported on devices")
         if self.artifacts is None:
             raise ValueError("no on-device artifacts were built for this run")
+        if any(name not in self.artifacts.files for name in ENGINE_ARTIFACTS[engine]):
+            raise ValueError(f"engine {engine!r} has no artifacts here: {NO_TRAINING_GRADIENT}")
         if SEEDS_KEY in content.array_records:
             arrays = self._catch_up(device, config, content.array_records[SEEDS_KEY])
         else:
@@ -848,7 +850,11 @@ def hosted_gateway(scenario: Scenario, grid: Any, run_dir: Path) -> Iterator[Any
             raise ConfigError(f"'gateway.{key}': no file {path} on the server")
     population = len(build_population(scenario.data).train)
     artifacts = build_artifacts(
-        scenario.model.name, scenario.model.num_layers, scenario.lora, scenario.client.weight_decay
+        scenario.model.name,
+        scenario.model.num_layers,
+        scenario.lora,
+        scenario.client.weight_decay,
+        int8=cfg.artifact_int8,
     )
     gateway = Gateway(settings_for(scenario, population), artifacts)
     port = gateway.start()

@@ -163,3 +163,14 @@ def test_jvp_on_a_packed_4_bit_base_is_refused_with_the_way_out():
             load_scenario("tiny", overrides)
         load_scenario("tiny", [*overrides, "client.forward_derivative='fd'"])
     load_scenario("tiny", ["client.engine='forward'", "model.quantization='int8'"])
+
+
+def test_dynamic_int8_artifacts_need_zeroth_phones():
+    gateway = ["gateway.enabled=true", "gateway.token=long-enough", "gateway.artifact_int8=dynamic"]
+    with pytest.raises(ConfigError, match=r"gateway\.artifact_int8.*'dynamic' with client\.engine"):
+        load_scenario("tiny", gateway)
+    assert load_scenario("tiny", [*gateway, "client.engine=zeroth"]).gateway.artifact_int8 == (
+        "dynamic"
+    )
+    with pytest.raises(ConfigError, match="gateway.artifact_int8"):
+        load_scenario("tiny", ["gateway.artifact_int8=int4"])

@@ -431,3 +431,21 @@ def test_a_newer_task_supersedes_and_old_ones_are_forgotten(gateway, tmp_path, a
     with pytest.raises(DeviceError) as excinfo:  # round 1's task is gone
         phone.submit(old, arrays, pb.UpdateMetrics(num_examples=1, loss=1.0))
     assert status_and_code(excinfo) == (grpc.StatusCode.NOT_FOUND, pb.UNKNOWN_TASK)
+
+
+def test_dynamic_int8_artifacts_serve_zeroth_and_refuse_backprop(tmp_path, adapter):
+    dynamic = build_artifacts("tiny-llama", 0, LORA, int8="dynamic")
+    gateway = start(dynamic)
+    try:
+        (phone,) = enrolled(gateway, tmp_path)
+        node = node_of(gateway, phone)
+        refused = gateway.push(train_message(node, adapter, 1))  # backprop: no artifacts
+        (reply,) = gateway.pull([refused])
+        assert reply.has_error() and "artifact_int8 = 'dynamic'" in reply.error.reason
+        gateway.push(train_message(node, adapter, 1, "client.engine=zeroth"))
+        task = phone.check_in().task
+        assert task.config.engine == "zeroth"
+        names = {a.name: a.artifact_id for a in task.artifacts}
+        assert names["inference_model"] == dynamic.file("inference_model").sha256
+    finally:
+        gateway.stop(grace=0.1)

@@ -84,6 +84,13 @@ def row(label: str, steps: int, summary: dict, updates: list[dict]) -> list[str]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench-engines"))
+    parser.add_argument(
+        "--equal-time",
+        nargs="*",
+        default=[n for n in ENGINES if n != "backprop"],
+        metavar="ENGINE",
+        help="engines to run again at backprop's compute budget (default: all gradient-free)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -92,7 +99,7 @@ def main() -> None:
     reference = step_seconds(results["backprop"][1], LOCAL_STEPS) * LOCAL_STEPS
     for name, (summary, updates) in results.items():
         rows.append(row(f"{name}, equal steps", LOCAL_STEPS, summary, updates))
-        if name == "backprop":
+        if name not in args.equal_time:
             continue
         # As many local steps as fit in backprop's CPU time per client-round.
         steps = max(1, round(reference / step_seconds(updates, LOCAL_STEPS)))

@@ -195,8 +195,12 @@ def run_federation(
             f"client.engine = {engine_setting!r} replays seed steps on the adapter sent: "
             f"it cannot train the mixed LoRA ranks of tiers {', '.join(sorted(mixed))}"
         )
-    client = scenario.client
-    seeds = SeedSync(scenario.run.seed, client.num_seeds, client.lr, client.local_steps)
+    seeds = SeedSync(
+        scenario.run.seed,
+        scenario.client.num_seeds,
+        scenario.client.lr,
+        scenario.client.local_steps,
+    )
 
     def choose_engine(client: int) -> str:
         return fleet.engine_for(client) if engine_setting == "auto" else engine_setting

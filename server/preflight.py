@@ -69,6 +69,12 @@ def preflight(scenario: Scenario) -> int:
         fleet = Fleet.from_scenario(scenario, len(population.train))
         mixed = fleet.mixed_ranks(scenario.lora.r)
         require_mixed_ranks(strategy, scenario.strategy.name, mixed, scenario.lora.r)
+        if mixed and scenario.client.engine in ("zeroth", "auto"):
+            raise FedtuneError(
+                f"client.engine = {scenario.client.engine!r} replays seed steps on the adapter "
+                f"sent: it cannot train the mixed LoRA ranks of tiers {', '.join(sorted(mixed))} "
+                "(set devices.tier_ranks = false)"
+            )
     return len(population.train)
 
 

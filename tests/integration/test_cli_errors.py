@@ -103,3 +103,18 @@ def test_scenarios_and_strategies_list(tmp_path):
     assert result.returncode == 0 and "quickstart" in result.stdout and "tiny" in result.stdout
     result = run_cli("strategies")
     assert result.returncode == 0 and "fedavg" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("scenario", "overrides", "needles"),
+    [
+        # Seed steps replay on the adapter sent: tiers of another LoRA rank cannot use them.
+        ("phones", ["client.engine='zeroth'"], ["client.engine = 'zeroth'", "low-phone"]),
+        ("tiny", ["strategy.name='fedkseed'"], ["'fedkseed' aggregates seed steps"]),
+        ("tiny", ["client.engine='auto'"], ["client.engine = 'auto'", "[devices]"]),
+    ],
+)
+def test_engine_combinations_refused_before_the_run(tmp_path, scenario, overrides, needles):
+    out = tmp_path / "run"
+    args = [a for o in overrides for a in ("--set", o)]
+    check_error(run_cli("simulate", scenario, "--out", str(out), *args), out, *needles)

@@ -42,3 +42,15 @@ def run_cli(
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def watch_and_board(folder: Path) -> Path:
+    """A tiers file with a 100 MB watch (too small to train) and a 64 GB board, both
+    always available and never dropping out."""
+    path = folder / "tiers.toml"
+    always = "uplink_mbps = 10\ndownlink_mbps = 10\navailability = 1\ndropout = 0\n"
+    path.write_text(
+        f"[tiers.watch]\nslowdown = 1\nmemory_mb = 100\n{always}\n"
+        f"[tiers.board]\nslowdown = 1\nmemory_mb = 64000\n{always}"
+    )
+    return path

@@ -16,7 +16,7 @@ from fedtune.engines.seeds import replay, seed_pool
 from fedtune.metrics import read_events
 from fedtune.models import adapter_state, attach_lora, load_base_model
 
-from ..conftest import run_cli
+from ..conftest import run_cli, watch_and_board
 
 ZEROTH = [
     "--set",
@@ -72,13 +72,7 @@ def test_forward_and_zeroth_train_under_fedavg(tmp_path):
 
 
 def test_auto_gives_a_device_too_small_for_backprop_the_zeroth_engine(tmp_path):
-    tiers = tmp_path / "tiers.toml"
-    tiers.write_text(
-        "[tiers.watch]\nslowdown = 1\nmemory_mb = 100\nuplink_mbps = 10\ndownlink_mbps = 10\n"
-        "availability = 1\ndropout = 0\n\n"
-        "[tiers.board]\nslowdown = 1\nmemory_mb = 64000\nuplink_mbps = 10\ndownlink_mbps = 10\n"
-        "availability = 1\ndropout = 0\n"
-    )
+    tiers = watch_and_board(tmp_path)
     out = tmp_path / "run"
     result = run_cli(
         "simulate", "tiny", "--out", str(out), "--no-progress",

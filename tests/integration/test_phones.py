@@ -6,7 +6,7 @@ import json
 
 from fedtune.metrics import read_events
 
-from ..conftest import run_cli
+from ..conftest import run_cli, watch_and_board
 
 
 def test_phones_scenario_reports_tiers_and_simulated_time(tmp_path):
@@ -46,13 +46,7 @@ def test_phones_scenario_reports_tiers_and_simulated_time(tmp_path):
 
 
 def test_a_device_too_small_for_the_training_is_not_sent_work(tmp_path):
-    tiers = tmp_path / "tiers.toml"
-    tiers.write_text(
-        "[tiers.watch]\nslowdown = 1\nmemory_mb = 100\nuplink_mbps = 10\ndownlink_mbps = 10\n"
-        "availability = 1\ndropout = 0\n\n"
-        "[tiers.board]\nslowdown = 1\nmemory_mb = 64000\nuplink_mbps = 10\ndownlink_mbps = 10\n"
-        "availability = 1\ndropout = 0\n"
-    )
+    tiers = watch_and_board(tmp_path)
     out = tmp_path / "run"
     result = run_cli(
         "simulate",

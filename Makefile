@@ -32,9 +32,9 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check fedtune clients server strategies simulations tests benchmarks
 
-# Regenerate fedtune/proto/device_pb2*.py from device.proto (the stubs are committed).
+# Regenerate fedtune/ondevice/proto/device_pb2*.py from device.proto (the stubs are committed).
 proto: setup
-	$(BIN)/python fedtune/proto/generate.py
+	$(BIN)/python fedtune/ondevice/proto/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,10 +1,10 @@
 """Phones: the on-device artifacts of SmolLM2-135M and the device client's local steps.
 
-Builds the artifacts a run serves to phones (``fedtune.artifacts.build_artifacts``) for
+Builds the artifacts a run serves to phones (``fedtune.ondevice.artifacts.build_artifacts``) for
 the quickstart's model and LoRA (r=8, alpha=16 on q_proj, v_proj), once per
 ``gateway.artifact_int8`` (``none``, ``weights``, ``dynamic``), into a fresh cache so
 every build is timed. Then, per artifact variant, a fresh subprocess does what
-``fedtune device`` does for a task (``clients/device.py``'s ``chunk_text`` and
+``fedtune device`` does for a task (``fedtune/ondevice/engines.py``'s ``chunk_text`` and
 ``train_backprop`` / ``train_zeroth``; no torch, no flwr, so its peak RSS is a phone
 client's) on one Shakespeare role: ``--steps`` local steps of 4x128 tokens from a
 PEFT-style fresh adapter (A random, B zero). A ``zeroth`` step is two forwards (MeZO).
@@ -49,9 +49,9 @@ def child(spec: dict) -> dict:
     """One device-client task in this (fresh) process: no torch, no flwr."""
     import numpy as np
 
-    from fedtune.clients.device import ENGINES, chunk_text, read_text
     from fedtune.metrics import peak_rss_mb
-    from fedtune.proto import device_pb2 as pb
+    from fedtune.ondevice.engines import ENGINES, chunk_text, read_text
+    from fedtune.ondevice.proto import device_pb2 as pb
 
     paths = {name: Path(p) for name, p in spec["paths"].items()}
     chunks = chunk_text(paths["tokenizer"], read_text(Path(spec["data"])), spec["seq_len"])
@@ -101,8 +101,8 @@ def shakespeare_text(folder: Path, min_chars: int) -> Path:
 
 def build(model: str, cache: Path) -> dict[str, dict]:
     """Build the three artifact sets; per int8 mode its files, sizes and build seconds."""
-    from fedtune.artifacts import build_artifacts
     from fedtune.config import LoraConfig
+    from fedtune.ondevice.artifacts import build_artifacts
 
     lora = LoraConfig(r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"))
     built = {}

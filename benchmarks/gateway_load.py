@@ -42,8 +42,8 @@ def peak_rss_mb(pid: int) -> float:
 async def drive(port: int, devices: int, check_ins: int, channels: int) -> dict[str, list[float]]:
     import grpc
 
-    from fedtune.proto import device_pb2 as pb
-    from fedtune.proto import device_pb2_grpc
+    from fedtune.ondevice.proto import device_pb2 as pb
+    from fedtune.ondevice.proto import device_pb2_grpc
 
     pool = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(channels)]
     stubs = [device_pb2_grpc.DeviceServiceStub(c) for c in pool]

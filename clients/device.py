@@ -6,10 +6,9 @@ task downloads the artifacts it names (cached by sha256, a broken download resum
 from its offset), trains the global adapter on its own text with ONNX Runtime and
 uploads the update (chunked, with an idempotency key, retried on a broken link).
 
-It uses only grpcio, numpy, ``tokenizers`` and onnxruntime(-training): the engines are
-``backprop`` (the ORT training artifacts, only ``lora_*`` trainable, AdamW) and
-``zeroth`` (MeZO steps with FedKSeed's seed pool on the inference graph, which takes
-the LoRA weights as inputs; ONNX Runtime inference only).
+It uses only grpcio, numpy, ``tokenizers`` and onnxruntime(-training); the engines
+(``backprop`` on the ORT training artifacts, ``zeroth`` on the inference graph) live in
+``fedtune.ondevice.engines``.
 """
 
 from __future__ import annotations
@@ -17,13 +16,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +28,10 @@ import grpc
 import numpy as np
 
 from fedtune.metrics import peak_rss_mb
-from fedtune.proto import device_pb2 as pb
-from fedtune.proto import device_pb2_grpc
-from fedtune.proto.tensors import from_bundle, to_bundle
+from fedtune.ondevice.engines import ENGINES, chunk_text, onnxruntime, read_text
+from fedtune.ondevice.proto import device_pb2 as pb
+from fedtune.ondevice.proto import device_pb2_grpc
+from fedtune.ondevice.proto.tensors import from_bundle, to_bundle
 
 PROTOCOL_VERSION = 1
 UPLOAD_CHUNK = 1 << 20
@@ -59,202 +57,6 @@ def error_of(exc: grpc.RpcError) -> DeviceError:
         if key == ERROR_KEY:
             detail.ParseFromString(value)
     return DeviceError(exc.code(), detail, exc.details() or "")
-
-
-# ------------------------------------------------------------------ ONNX Runtime
-
-
-def onnxruntime() -> Any:
-    """``import onnxruntime`` without torch.
-
-    onnxruntime-training's package init probes for its torch integration (ORTModule)
-    and imports torch when it is installed; on a phone it is not. Where torch is
-    installed but not yet imported (this workstation), the probe is made to fail as it
-    would on a phone, and torch is importable again afterwards.
-    """
-    if "onnxruntime" in sys.modules:
-        return sys.modules["onnxruntime"]
-    hide = "torch" not in sys.modules
-    if hide:
-        sys.modules["torch"] = None  # type: ignore[assignment]
-    try:
-        import onnxruntime as ort
-    finally:
-        if hide and sys.modules.get("torch", 0) is None:
-            del sys.modules["torch"]
-    return ort
-
-
-@dataclass
-class TrainResult:
-    """What local training produced."""
-
-    arrays: dict[str, np.ndarray]
-    num_examples: int
-    losses: list[float]
-    seconds: float
-    steps: list[tuple[int, float]] | None = None
-    """``zeroth``: (seed-pool index, scalar) per step, which is what is uploaded."""
-    step_seconds: list[tuple[float, float]] = field(default_factory=list)
-    """(wall, CPU) seconds of each local step, session set-up excluded (benchmarks)."""
-
-
-def batch_order(num_chunks: int, batch_size: int, steps: int, seed: int) -> list[np.ndarray]:
-    """Indices of ``steps`` batches: a seeded shuffle (numpy PCG64), epoch after epoch."""
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while len(order) < steps * batch_size:
-        order.extend(rng.permutation(num_chunks).tolist())
-    return [np.array(order[i * batch_size : (i + 1) * batch_size]) for i in range(steps)]
-
-
-def train_backprop(
-    paths: dict[str, Path],
-    adapter: dict[str, np.ndarray],
-    specs: Sequence[pb.TensorSpec],
-    chunks: np.ndarray,
-    config: pb.TrainConfig,
-) -> TrainResult:
-    """AdamW on the LoRA weights with the ORT training artifacts (a fresh optimizer
-    state each task, as the torch engine starts a fresh AdamW each round).
-
-    It calls the training bindings that ``onnxruntime.training.api`` wraps: importing
-    that package imports torch (its ``__init__`` loads the torch integrations)."""
-    ort = onnxruntime()
-    capi = ort.capi._pybind_state
-    started = time.perf_counter()
-    state = capi.load_checkpoint(str(paths["checkpoint"]))
-    device = capi.OrtDevice(capi.OrtDevice.cpu(), capi.OrtDevice.default_memory(), 0)
-    options = capi.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    module = capi.Module(
-        str(paths["training_model"]), state, str(paths["eval_model"]), device, options
-    )
-    # Parameters get their buffers when the module is built: set the adapter after.
-    for spec in specs:
-        value = ort.OrtValue.ortvalue_from_numpy(
-            np.ascontiguousarray(adapter[spec.name], dtype=np.float32)
-        )
-        state.copy_parameter_from(spec.graph_name, value._ortvalue)
-    optimizer = capi.Optimizer(str(paths["optimizer_model"]), state, device, options)
-    optimizer.set_learning_rate(float(config.lr))
-    losses = []
-    timings = []
-    for index in batch_order(len(chunks), config.batch_size, config.local_steps, config.seed):
-        wall, cpu = time.perf_counter(), time.process_time()
-        input_ids = np.ascontiguousarray(chunks[index], dtype=np.int64)
-        fetches = capi.OrtValueVector()
-        module.train_step([input_ids, np.ones_like(input_ids), input_ids], fetches)
-        losses.append(float(fetches[0].numpy()))
-        optimizer.optimizer_step()
-        module.lazy_reset_grad()
-        timings.append((time.perf_counter() - wall, time.process_time() - cpu))
-    arrays = {s.name: state.get_parameter(s.graph_name).data.numpy().copy() for s in specs}
-    return TrainResult(
-        arrays,
-        config.local_steps * config.batch_size,
-        losses,
-        time.perf_counter() - started,
-        step_seconds=timings,
-    )
-
-
-def seed_pool(run_seed: int, k: int) -> list[int]:
-    """The run's K perturbation seeds: must equal ``fedtune.engines.seeds.seed_pool``."""
-    return [int(s) for s in np.random.SeedSequence(run_seed).generate_state(k, dtype=np.uint32)]
-
-
-def perturbation(seed: int, specs: Sequence[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
-    """``z(seed)``: ±1 per value from PCG64's raw bits, little-endian, over ``specs`` in
-    order. Must equal ``fedtune.engines.seeds.perturbation`` bit for bit (a test checks)."""
-    sizes = [math.prod(shape) for _, shape in specs]
-    words = np.random.PCG64(seed).random_raw(-(-sum(sizes) // 64))
-    bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
-    signs = bits[: sum(sizes)].astype(np.float32) * 2.0 - 1.0
-    out, start = {}, 0
-    for (name, shape), size in zip(specs, sizes, strict=True):
-        out[name] = signs[start : start + size].reshape(shape)
-        start += size
-    return out
-
-
-def train_zeroth(
-    paths: dict[str, Path],
-    adapter: dict[str, np.ndarray],
-    specs: Sequence[pb.TensorSpec],
-    chunks: np.ndarray,
-    config: pb.TrainConfig,
-) -> TrainResult:
-    """MeZO two-point steps with FedKSeed's seed pool on the inference graph:
-    ``g = (L(w + eps z) - L(w - eps z)) / 2 eps``, ``w <- w - lr g z``."""
-    ort = onnxruntime()
-    started = time.perf_counter()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(paths["inference_model"]), options, providers=["CPUExecutionProvider"]
-    )
-    master = {s.name: np.array(adapter[s.name], dtype=np.float32) for s in specs}
-    graph = {s.name: s.graph_name for s in specs}
-    keys = sorted(k for k in master if "lora_" in k)
-    shapes = [(k, tuple(master[k].shape)) for k in keys]
-    pool = seed_pool(config.run_seed, config.num_seeds)
-    picks = np.random.default_rng(config.seed).integers(config.num_seeds, size=config.local_steps)
-    eps = float(config.eps)
-    losses: list[float] = []
-    steps: list[tuple[int, float]] = []
-    timings: list[tuple[float, float]] = []
-
-    def loss_at(weights: dict[str, np.ndarray], input_ids: np.ndarray) -> float:
-        feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
-        feed["labels"] = input_ids
-        feed.update({graph[k]: v for k, v in weights.items()})
-        return float(session.run(["loss"], feed)[0])
-
-    batches = batch_order(len(chunks), config.batch_size, config.local_steps, config.seed)
-    for index, pick in zip(batches, picks.tolist(), strict=True):
-        wall, cpu = time.perf_counter(), time.process_time()
-        input_ids = np.ascontiguousarray(chunks[index], dtype=np.int64)
-        z = perturbation(pool[pick], shapes)
-        plus = loss_at({k: master[k] + np.float32(eps) * z[k] for k in keys}, input_ids)
-        minus = loss_at({k: master[k] - np.float32(eps) * z[k] for k in keys}, input_ids)
-        scalar = float(np.float32((plus - minus) / (2 * eps)))  # as it travels
-        step = np.float32(config.lr * scalar)  # the server's replay rounds the same way
-        for key in keys:
-            master[key] = (master[key] - step * z[key]).astype(np.float32)
-        losses.append((plus + minus) / 2)
-        steps.append((int(pick), scalar))
-        timings.append((time.perf_counter() - wall, time.process_time() - cpu))
-    return TrainResult(
-        master,
-        config.local_steps * config.batch_size,
-        losses,
-        time.perf_counter() - started,
-        steps,
-        timings,
-    )
-
-
-ENGINES = {"backprop": train_backprop, "zeroth": train_zeroth}
-
-
-def read_text(path: Path) -> str:
-    """A device's own text: a plain file, or JSONL whose lines have a ``text`` field."""
-    if path.suffix == ".jsonl":
-        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return "\n".join(str(item["text"]) for item in lines)
-    return path.read_text()
-
-
-def chunk_text(tokenizer_file: Path, text: str, seq_len: int) -> np.ndarray:
-    """Tokenize ``text`` (no special tokens) into non-overlapping ``seq_len`` chunks."""
-    from tokenizers import Tokenizer
-
-    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"the data holds {len(ids)} tokens, fewer than seq_len = {seq_len}")
-    return np.array(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
 # ------------------------------------------------------------------ the protocol

@@ -46,12 +46,12 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 
-from fedtune.artifacts import NO_TRAINING_GRADIENT, ArtifactSet
 from fedtune.config import GatewayConfig, Scenario
 from fedtune.errors import ConfigError
-from fedtune.proto import device_pb2 as pb
-from fedtune.proto import device_pb2_grpc
-from fedtune.proto.tensors import from_bundle, to_bundle
+from fedtune.ondevice.artifacts import NO_TRAINING_GRADIENT, ArtifactSet
+from fedtune.ondevice.proto import device_pb2 as pb
+from fedtune.ondevice.proto import device_pb2_grpc
+from fedtune.ondevice.proto.tensors import from_bundle, to_bundle
 from fedtune.wire import (
     ARRAYS_KEY,
     CATCH_UP_KEY,
@@ -838,9 +838,9 @@ def hosted_gateway(scenario: Scenario, grid: Any, run_dir: Path) -> Iterator[Any
     if not scenario.gateway.enabled:
         yield grid
         return
-    from fedtune.artifacts import build_artifacts
     from fedtune.data import build_population
     from fedtune.metrics import atomic_write_json
+    from fedtune.ondevice.artifacts import build_artifacts
     from fedtune.server.grid import GatewayGrid
 
     cfg = scenario.gateway

@@ -9,21 +9,21 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.artifacts import build_artifacts
-from fedtune.clients.device import (
-    batch_order,
-    perturbation,
-    seed_pool,
-    train_backprop,
-    train_zeroth,
-)
 from fedtune.config import LoraConfig
 from fedtune.data.population import chunk_tokens
 from fedtune.data.sources import load_shakespeare
 from fedtune.engines import seeds
 from fedtune.engines.backprop import BackpropEngine
 from fedtune.engines.base import EngineConfig
-from fedtune.proto import device_pb2 as pb
+from fedtune.ondevice.artifacts import build_artifacts
+from fedtune.ondevice.engines import (
+    batch_order,
+    perturbation,
+    seed_pool,
+    train_backprop,
+    train_zeroth,
+)
+from fedtune.ondevice.proto import device_pb2 as pb
 
 from ..conftest import ROOT
 
@@ -62,7 +62,7 @@ def flat(state, start):
 
 
 def test_ort_training_artifacts_train_only_lora(artifacts):
-    from fedtune.clients.device import onnxruntime
+    from fedtune.ondevice.engines import onnxruntime
 
     trainable = {t.graph_name for t in artifacts.adapter}
     assert trainable and all("lora_" in name for name in trainable)
@@ -76,7 +76,7 @@ def test_ort_training_artifacts_train_only_lora(artifacts):
 def test_the_trainable_buffer_is_in_the_order_of_the_task_adapter(artifacts):
     """Android sets and reads the adapter as one buffer (loadParametersBuffer /
     CopyBufferToParameters): its order must be the Task's adapter order."""
-    from fedtune.clients.device import onnxruntime
+    from fedtune.ondevice.engines import onnxruntime
 
     ort = onnxruntime()
     capi = ort.capi._pybind_state
@@ -178,7 +178,7 @@ def int8_artifacts():
 
 
 def graph_loss(path, chunks, adapter, specs):
-    from fedtune.clients.device import onnxruntime
+    from fedtune.ondevice.engines import onnxruntime
 
     session = onnxruntime().InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {"input_ids": chunks, "attention_mask": np.ones_like(chunks), "labels": chunks}
@@ -189,7 +189,7 @@ def graph_loss(path, chunks, adapter, specs):
 def test_int8_frozen_weights_shrink_the_artifacts_and_leave_lora_fp32(artifacts, int8_artifacts):
     import onnx
 
-    from fedtune.clients.device import onnxruntime
+    from fedtune.ondevice.engines import onnxruntime
 
     weights, dynamic = int8_artifacts["weights"], int8_artifacts["dynamic"]
     assert weights.adapter == artifacts.adapter == dynamic.adapter  # same names for phones

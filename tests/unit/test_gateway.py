@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from fedtune.artifacts import build_artifacts
-from fedtune.clients.device import DeviceClient, DeviceError, chunk_text, error_of, train_zeroth
+from fedtune.clients.device import DeviceClient, DeviceError, error_of
 from fedtune.config import GatewayConfig, LoraConfig, client_spec, load_scenario
 from fedtune.data.sources import load_shakespeare
 from fedtune.engines.seeds import replay, seed_pool
-from fedtune.proto import device_pb2 as pb
-from fedtune.proto.tensors import from_bundle, to_bundle
+from fedtune.ondevice.artifacts import build_artifacts
+from fedtune.ondevice.engines import chunk_text, train_zeroth
+from fedtune.ondevice.proto import device_pb2 as pb
+from fedtune.ondevice.proto.tensors import from_bundle, to_bundle
 from fedtune.server.gateway import Gateway, GatewaySettings
 from fedtune.server.grid import DeviceGrid, GatewayGrid
 from fedtune.wire import (

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from fedtune.proto import device_pb2 as fedtune_dot_proto_dot_device__pb2
+from fedtune.ondevice.proto import device_pb2 as fedtune_dot_ondevice_dot_proto_dot_device__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fedtune/proto/device_pb2_grpc.py depends on'
+        + ' but the generated code in fedtune/ondevice/proto/device_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class DeviceServiceStub:
         """
         self.Enroll = channel.unary_unary(
                 '/fedtune.device.v1.DeviceService/Enroll',
-                request_serializer=fedtune_dot_proto_dot_device__pb2.EnrollRequest.SerializeToString,
-                response_deserializer=fedtune_dot_proto_dot_device__pb2.EnrollResponse.FromString,
+                request_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.EnrollResponse.FromString,
                 _registered_method=True)
         self.CheckIn = channel.unary_unary(
                 '/fedtune.device.v1.DeviceService/CheckIn',
-                request_serializer=fedtune_dot_proto_dot_device__pb2.CheckInRequest.SerializeToString,
-                response_deserializer=fedtune_dot_proto_dot_device__pb2.CheckInResponse.FromString,
+                request_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.CheckInRequest.SerializeToString,
+                response_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.CheckInResponse.FromString,
                 _registered_method=True)
         self.GetArtifact = channel.unary_stream(
                 '/fedtune.device.v1.DeviceService/GetArtifact',
-                request_serializer=fedtune_dot_proto_dot_device__pb2.GetArtifactRequest.SerializeToString,
-                response_deserializer=fedtune_dot_proto_dot_device__pb2.ArtifactChunk.FromString,
+                request_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.ArtifactChunk.FromString,
                 _registered_method=True)
         self.SubmitUpdate = channel.stream_unary(
                 '/fedtune.device.v1.DeviceService/SubmitUpdate',
-                request_serializer=fedtune_dot_proto_dot_device__pb2.UpdateChunk.SerializeToString,
-                response_deserializer=fedtune_dot_proto_dot_device__pb2.SubmitUpdateResponse.FromString,
+                request_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.UpdateChunk.SerializeToString,
+                response_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.SubmitUpdateResponse.FromString,
                 _registered_method=True)
 
 
@@ -92,23 +92,23 @@ def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
-                    request_deserializer=fedtune_dot_proto_dot_device__pb2.EnrollRequest.FromString,
-                    response_serializer=fedtune_dot_proto_dot_device__pb2.EnrollResponse.SerializeToString,
+                    request_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.EnrollRequest.FromString,
+                    response_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.EnrollResponse.SerializeToString,
             ),
             'CheckIn': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckIn,
-                    request_deserializer=fedtune_dot_proto_dot_device__pb2.CheckInRequest.FromString,
-                    response_serializer=fedtune_dot_proto_dot_device__pb2.CheckInResponse.SerializeToString,
+                    request_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.CheckInRequest.FromString,
+                    response_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.CheckInResponse.SerializeToString,
             ),
             'GetArtifact': grpc.unary_stream_rpc_method_handler(
                     servicer.GetArtifact,
-                    request_deserializer=fedtune_dot_proto_dot_device__pb2.GetArtifactRequest.FromString,
-                    response_serializer=fedtune_dot_proto_dot_device__pb2.ArtifactChunk.SerializeToString,
+                    request_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.GetArtifactRequest.FromString,
+                    response_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.ArtifactChunk.SerializeToString,
             ),
             'SubmitUpdate': grpc.stream_unary_rpc_method_handler(
                     servicer.SubmitUpdate,
-                    request_deserializer=fedtune_dot_proto_dot_device__pb2.UpdateChunk.FromString,
-                    response_serializer=fedtune_dot_proto_dot_device__pb2.SubmitUpdateResponse.SerializeToString,
+                    request_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.UpdateChunk.FromString,
+                    response_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.SubmitUpdateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,8 +136,8 @@ class DeviceService:
             request,
             target,
             '/fedtune.device.v1.DeviceService/Enroll',
-            fedtune_dot_proto_dot_device__pb2.EnrollRequest.SerializeToString,
-            fedtune_dot_proto_dot_device__pb2.EnrollResponse.FromString,
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.EnrollRequest.SerializeToString,
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -163,8 +163,8 @@ class DeviceService:
             request,
             target,
             '/fedtune.device.v1.DeviceService/CheckIn',
-            fedtune_dot_proto_dot_device__pb2.CheckInRequest.SerializeToString,
-            fedtune_dot_proto_dot_device__pb2.CheckInResponse.FromString,
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.CheckInRequest.SerializeToString,
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.CheckInResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -190,8 +190,8 @@ class DeviceService:
             request,
             target,
             '/fedtune.device.v1.DeviceService/GetArtifact',
-            fedtune_dot_proto_dot_device__pb2.GetArtifactRequest.SerializeToString,
-            fedtune_dot_proto_dot_device__pb2.ArtifactChunk.FromString,
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.GetArtifactRequest.SerializeToString,
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -217,8 +217,8 @@ class DeviceService:
             request_iterator,
             target,
             '/fedtune.device.v1.DeviceService/SubmitUpdate',
-            fedtune_dot_proto_dot_device__pb2.UpdateChunk.SerializeToString,
-            fedtune_dot_proto_dot_device__pb2.SubmitUpdateResponse.FromString,
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.UpdateChunk.SerializeToString,
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.SubmitUpdateResponse.FromString,
             options,
             channel_credentials,
             insecure,

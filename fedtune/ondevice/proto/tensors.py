@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedtune.proto import device_pb2 as pb
+from fedtune.ondevice.proto import device_pb2 as pb
 
 DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),

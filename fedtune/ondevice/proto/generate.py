@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+ROOT = HERE.parent.parent.parent
 
 
 def main() -> int:
     from grpc_tools import protoc
 
     # Paths relative to the repository root make the generated imports
-    # `from fedtune.proto import device_pb2`, which works wherever fedtune is installed.
+    # `from fedtune.ondevice.proto import device_pb2`, which works wherever fedtune is installed.
     args = [
         "grpc_tools.protoc",
         f"-I{ROOT}",

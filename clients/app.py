@@ -65,7 +65,13 @@ def client_index(context: Context) -> int:
 def _model(model: ModelConfig, lora: LoraConfig, seed: int, rank: int = 0) -> Any:
     from fedtune.models import attach_lora, load_base_model
 
-    base = load_base_model(model.name, model.compute_dtype, model.num_layers, model.quantization)
+    base = load_base_model(
+        model.name,
+        model.compute_dtype,
+        model.num_layers,
+        model.quantization,
+        trust_remote_code=model.trust_remote_code,
+    )
     return attach_lora(base, lora, seed=seed, rank=rank)
 
 

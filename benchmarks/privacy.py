@@ -84,7 +84,7 @@ def median_update_norm(base: list[str], train_only: str, clients: int = 6) -> fl
     """Median L2 norm of the update of the first ``clients`` clients in round 1."""
     from fedtune.config import load_scenario
     from fedtune.data import build_population, client_train_chunks
-    from fedtune.engines import EngineConfig, get_engine
+    from fedtune.engines import engine_settings, get_engine
     from fedtune.models import (
         adapter_state,
         attach_lora,
@@ -111,8 +111,9 @@ def median_update_norm(base: list[str], train_only: str, clients: int = 6) -> fl
         chunks = client_train_chunks(
             tokenizer, population.train[index], scenario.data, scenario.client.seq_len
         )
-        c = scenario.client
-        config = EngineConfig(c.lr, c.local_steps, c.batch_size, seed=index, train_only=train_only)
+        config = engine_settings(
+            scenario.client.engine, scenario, seed=index, train_only=train_only
+        )
         trained = engine.train(model, chunks, config).state
         norms.append(l2_norm(difference(trained, start, start.keys())))
     return statistics.median(norms)

@@ -14,38 +14,29 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedtune.attacks import attack_update, attackers
-from fedtune.config import (
-    AttackConfig,
-    DataConfig,
-    LoraConfig,
-    ModelConfig,
-    scenario_from_client_spec,
-)
+from fedtune.config import AttackConfig, DataConfig, LoraConfig, ModelConfig
 from fedtune.data import build_population, client_train_chunks
-from fedtune.engines import EngineConfig, default_eps, get_engine
+from fedtune.engines import engine_settings, get_engine
 from fedtune.errors import DataError
 from fedtune.metrics import peak_rss_mb, reset_peak_rss
 from fedtune.privacy.mod import privacy_mod
-from fedtune.privacy.secagg import ACTION as SECAGG_ACTION
 from fedtune.privacy.secagg import handle_stage
-from fedtune.wire import (
+from fedtune.protocol import (
     ARRAYS_KEY,
-    CONFIG_KEY,
-    ENGINE_KEY,
+    CLIENT_INDEX_KEY,
+    INFO_KEY,
     METRICS_KEY,
+    PARTITION_KEY,
+    SECAGG_ACTION,
     SEEDS_KEY,
-    WEIGHT_KEY,
-    encode_update,
-    from_record,
-    seeds_to_record,
+    TrainInstructions,
+    TrainReport,
 )
-
-PARTITION_KEY = "partition-id"
-INFO_KEY = "info"
+from fedtune.wire import encode_update, from_record, seeds_to_record
 
 app = ClientApp()
 
@@ -103,7 +94,7 @@ def _chunks(data: DataConfig, model_name: str, seq_len: int, index: int) -> Any:
 def query(message: Message, context: Context) -> Message:
     """Tell the server which client this node is."""
     return Message(
-        RecordDict({INFO_KEY: ConfigRecord({"client-index": client_index(context)})}),
+        RecordDict({INFO_KEY: ConfigRecord({CLIENT_INDEX_KEY: client_index(context)})}),
         reply_to=message,
     )
 
@@ -119,7 +110,7 @@ def train(message: Message, context: Context) -> Message:
     """Load the global adapter, train it locally, reply with the update and metrics.
 
     A backprop or forward client replies with its adapter; a zeroth-order client with
-    its seed steps only (:data:`~fedtune.wire.SEEDS_KEY`), from which the server
+    its seed steps only (:data:`~fedtune.protocol.SEEDS_KEY`), from which the server
     replays the adapter. A zeroth client may also receive, instead of the adapter, the
     seed steps that take the global adapter it kept to the current one (FedKSeed's
     catch-up, :func:`fedtune.clients.seed_history.catch_up`).
@@ -130,49 +121,48 @@ def train(message: Message, context: Context) -> Message:
 
     reset_peak_rss()
     index = client_index(context)
-    config = message.content.config_records[CONFIG_KEY]
-    scenario = scenario_from_client_spec(dict(config))
-    rnd = int(config.get("round", config.get("server-round", 0)))
+    asked = TrainInstructions.of(message)
+    scenario = asked.scenario
     chunks = _chunks(scenario.data, scenario.model.name, scenario.client.seq_len, index)
-    # A device tier may train its own LoRA rank (strategies that mix ranks).
-    rank = int(config.get("lora-rank", scenario.lora.r))
-    model = _model(scenario.model, scenario.lora, scenario.run.seed, rank)
-    local = str(config.get("lora-local", "none"))  # a LoRA factor this node keeps (FedSA-LoRA)
-    settings = engine_settings(scenario, config, index, rnd)
-    engine_name = str(config.get(ENGINE_KEY, scenario.client.engine))  # "auto" picks per tier
+    model = _model(scenario.model, scenario.lora, scenario.run.seed, asked.lora_rank)
+    settings = engine_settings(
+        asked.engine_name,
+        scenario,
+        seed=asked.client_seed(index),
+        proximal_mu=asked.proximal_mu,
+        train_only=asked.train_only,
+    )
     if SEEDS_KEY in message.content.array_records:
-        received = catch_up(context, config, message.content.array_records[SEEDS_KEY], settings)
+        received = catch_up(context, asked, message.content.array_records[SEEDS_KEY], settings)
     else:
         received = from_record(message.content.array_records[ARRAYS_KEY])
-    keep_global(context, config, received)
-    engine = get_engine(engine_name)
+    keep_global(context, asked, received)
+    engine = get_engine(asked.engine_name)
     started, cpu_started = time.perf_counter(), time.process_time()
-    if config.get("lora-fresh", False):
+    if asked.fresh:
         # FLoRA: the global adapter joins the base weights; a fresh adapter trains on top.
         with merged_into_base(model, received, scenario.lora.alpha / scenario.lora.r):
             reset_adapter(model, settings.seed)
             start = adapter_state(model)
             update = engine.train(model, chunks, settings)
     else:
-        load_adapter_state(model, restore_local(context, received, local))
+        load_adapter_state(model, restore_local(context, received, asked.local))
         start = adapter_state(model)
         update = engine.train(model, chunks, settings)
-    keep_local(context, update.state, local)
+    keep_local(context, update.state, asked.local)
     attacker = index in _attackers(scenario.data, scenario.attack, scenario.run.seed)
     if attacker:
         update.state = attack_update(start, update.state, scenario.attack)
-    metrics = MetricRecord(
-        {
-            WEIGHT_KEY: update.num_examples,
-            "loss": update.loss,
-            "compute-seconds": time.perf_counter() - started,
-            # CPU seconds of every thread: what the training cost, whatever else ran.
-            "cpu-seconds": time.process_time() - cpu_started,
-            "peak-rss-mb": peak_rss_mb(),
-            "client-index": index,
-            "round": rnd,
-            **update.metrics,
-        }
+    report = TrainReport(
+        num_examples=update.num_examples,
+        loss=update.loss,
+        compute_seconds=time.perf_counter() - started,
+        # CPU seconds of every thread: what the training cost, whatever else ran.
+        cpu_seconds=time.process_time() - cpu_started,
+        peak_rss_mb=peak_rss_mb(),
+        client_index=index,
+        round=asked.round,
+        extra=update.metrics,
     )
     if update.seed_steps is not None:  # seed-only upload: 8 bytes a step
         steps = update.seed_steps
@@ -181,26 +171,4 @@ def train(message: Message, context: Context) -> Message:
         payload = {SEEDS_KEY: seeds_to_record(steps)}
     else:
         payload = {ARRAYS_KEY: encode_update(update.state, scenario.client.wire_dtype)}
-    return Message(RecordDict({**payload, METRICS_KEY: metrics}), reply_to=message)
-
-
-def engine_settings(scenario: Any, config: Any, index: int, rnd: int) -> EngineConfig:
-    """The engine's arguments for this client-round, seeded per (run seed, round, client)."""
-    client = scenario.client
-    return EngineConfig(
-        lr=client.lr,
-        local_steps=client.local_steps,
-        batch_size=client.batch_size,
-        weight_decay=client.weight_decay,
-        seed=int(np.random.SeedSequence([scenario.run.seed, rnd, index]).generate_state(1)[0]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        train_only=str(config.get("lora-train", "all")),
-        eps=client.eps or default_eps(scenario.model.compute_dtype),
-        num_seeds=client.num_seeds,
-        run_seed=scenario.run.seed,
-        perturbations=client.perturbations,
-        max_perturbations=client.max_perturbations,
-        variance_threshold=client.variance_threshold,
-        forward_derivative=client.forward_derivative,
-        forward_optimizer=client.forward_optimizer,
-    )
+    return Message(RecordDict({**payload, METRICS_KEY: report.to_metrics()}), reply_to=message)

@@ -32,12 +32,11 @@ from fedtune.ondevice.engines import ENGINES, chunk_text, onnxruntime, read_text
 from fedtune.ondevice.proto import device_pb2 as pb
 from fedtune.ondevice.proto import device_pb2_grpc
 from fedtune.ondevice.proto.tensors import from_bundle, to_bundle
+from fedtune.protocol import ERROR_KEY, PROTOCOL_VERSION
 
-PROTOCOL_VERSION = 1
 UPLOAD_CHUNK = 1 << 20
 RETRIES = 5
 """Attempts of a download or an upload over a broken link before giving up."""
-ERROR_KEY = "fedtune-error-bin"
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 

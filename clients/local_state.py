@@ -1,7 +1,8 @@
 """A LoRA factor that stays on the client between rounds (FedSA-LoRA keeps its B).
 
-A strategy that wants part of the adapter kept locally says so in the train config
-(``"lora-local": "B"``). The node keeps that part in Flower's per-node
+A strategy that wants part of the adapter kept locally declares it (its
+``keeps_local`` trait), and the loop says so in each client's instructions
+(:attr:`fedtune.protocol.TrainInstructions.local`). The node keeps that part in Flower's per-node
 ``context.state``, a RecordDict that lives across messages for a node — in a Ray
 simulation and on a SuperNode alike — and from its next round on puts it in place of
 the part the server sent. ``"none"`` (the default) keeps nothing.
@@ -19,16 +20,16 @@ from flwr.common.logger import log
 
 from fedtune.errors import ConfigError
 from fedtune.models.lora import AdapterState
+from fedtune.protocol import LOCAL_KEY, LOCAL_PARTS
 from fedtune.wire import from_record, to_record
 
 STATE_KEY = "fedsa-local"
 """Key of the kept tensors in ``context.state.array_records``."""
-LOCAL_PARTS = ("none", "A", "B")
 
 
 def _kept_keys(state: AdapterState, part: str) -> list[str]:
     if part not in LOCAL_PARTS:
-        raise ConfigError(f"lora-local must be one of {', '.join(LOCAL_PARTS)}, got {part!r}")
+        raise ConfigError(f"{LOCAL_KEY} must be one of {', '.join(LOCAL_PARTS)}, got {part!r}")
     return [] if part == "none" else [k for k in state if f"lora_{part}" in k]
 
 

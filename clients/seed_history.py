@@ -15,18 +15,12 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from fedtune.engines import EngineConfig
-from fedtune.engines.seeds import adapter_digest, replay, seed_pool
+from fedtune.engines import ZerothSettings
+from fedtune.engines.seeds import CatchUpError, catch_up_adapter, seed_pool
 from fedtune.errors import DataError
 from fedtune.models.lora import AdapterState
-from fedtune.wire import (
-    CATCH_UP_KEY,
-    DIGEST_KEY,
-    VERSION_KEY,
-    from_record,
-    seeds_from_record,
-    to_record,
-)
+from fedtune.protocol import TrainInstructions
+from fedtune.wire import from_record, seeds_from_record, to_record
 
 STATE_KEY = "fedkseed-global"
 """Key of the kept global adapter in ``context.state`` (an array record)."""
@@ -35,29 +29,35 @@ VERSION_STATE_KEY = "fedkseed-version"
 
 
 def catch_up(
-    context: Context, config: ConfigRecord, steps: ArrayRecord, settings: EngineConfig
+    context: Context, asked: TrainInstructions, steps: ArrayRecord, settings: ZerothSettings
 ) -> AdapterState:
     """The current global adapter: the kept one with ``steps`` replayed on it, checked
     against the server's digest."""
-    start = int(config[CATCH_UP_KEY])
-    if STATE_KEY not in context.state.array_records:
-        raise DataError(f"cannot catch up from adapter version {start}: none kept on this node")
-    held = int(context.state.config_records[VERSION_STATE_KEY]["version"])
-    if held != start:
-        raise DataError(f"cannot catch up from adapter version {start}: this node holds {held}")
-    kept = from_record(context.state.array_records[STATE_KEY])
-    pool = seed_pool(settings.run_seed, settings.num_seeds)
-    state = replay(kept, seeds_from_record(steps), pool, settings.lr, settings.train_only)
-    if adapter_digest(state) != config[DIGEST_KEY]:
-        raise DataError(f"the adapter replayed from version {start} differs from the server's")
-    return state
+    if asked.catch_up_from is None or not isinstance(settings, ZerothSettings):
+        raise DataError("seed steps in place of the adapter, but no zeroth catch-up was asked")
+    kept = None
+    if STATE_KEY in context.state.array_records:
+        version = int(context.state.config_records[VERSION_STATE_KEY]["version"])
+        kept = (version, from_record(context.state.array_records[STATE_KEY]))
+    try:
+        return catch_up_adapter(
+            kept,
+            asked.catch_up_from,
+            seeds_from_record(steps),
+            seed_pool(settings.run_seed, settings.num_seeds),
+            settings.lr,
+            settings.train_only,
+            asked.adapter_digest,
+        )
+    except CatchUpError as exc:
+        raise DataError(f"{exc} on this node") from None
 
 
-def keep_global(context: Context, config: ConfigRecord, state: AdapterState) -> None:
+def keep_global(context: Context, asked: TrainInstructions, state: AdapterState) -> None:
     """Keep the global adapter received (when the server versions it) for a later catch-up."""
-    if VERSION_KEY not in config:
+    if asked.adapter_version is None:
         return
     context.state.array_records[STATE_KEY] = to_record(state)
     context.state.config_records[VERSION_STATE_KEY] = ConfigRecord(
-        {"version": int(config[VERSION_KEY])}
+        {"version": asked.adapter_version}
     )

@@ -15,6 +15,7 @@ or bit-flipped file fails its checksum and the previous checkpoint is used.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import logging
 import os
@@ -163,20 +164,53 @@ def config_differences(a: Scenario, b: Scenario) -> list[str]:
 # ------------------------------------------------------------------ strategy state
 
 _STATE_TYPES = (np.ndarray, torch.Tensor)
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    """A value ``torch.load(weights_only=True)`` reads back as it was written."""
+    if isinstance(value, _SCALARS):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _constructor_parameters(strategy: Any) -> set[str]:
+    """Keyword names of every ``__init__`` in the strategy's class hierarchy: attributes
+    of these names are configuration (rebuilt from the scenario), not state."""
+    names: set[str] = set()
+    for cls in type(strategy).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            names.update(inspect.signature(init).parameters)
+        except (TypeError, ValueError):
+            continue
+    return names
 
 
 def strategy_state(strategy: Any) -> dict[str, Any]:
     """The strategy's mutable state, as plain types and tensors.
 
-    A strategy with ``state_dict()`` gives its own. Otherwise the instance attributes
-    holding arrays are taken — which covers Flower's server optimizers (FedAdam,
-    FedYogi, FedAdagrad keep ``current_arrays``, ``m_t``, ``v_t``; FedAvgM keeps
-    ``current_arrays`` and ``momentum_vector``).
+    A strategy that declares ``state_dict()``/``load_state_dict()``
+    (:class:`fedtune.protocol.StatefulStrategy`) gives its own. Otherwise every
+    instance attribute that is not a constructor parameter is taken: arrays — which
+    covers Flower's server optimizers (FedAdam, FedYogi, FedAdagrad keep
+    ``current_arrays``, ``m_t``, ``v_t``; FedAvgM ``momentum_vector``) — and plain values
+    (counters, flags, lists of numbers). An attribute of any other type is named in a
+    warning: it would not survive a resume.
     """
-    if hasattr(strategy, "state_dict"):
+    from fedtune.protocol import StatefulStrategy
+
+    if isinstance(strategy, StatefulStrategy):
         return {"custom": strategy.state_dict()}
     from flwr.app import ArrayRecord
 
+    config = _constructor_parameters(strategy)
     state: dict[str, Any] = {}
     for name, value in vars(strategy).items():
         if isinstance(value, ArrayRecord):
@@ -194,6 +228,18 @@ def strategy_state(strategy: Any) -> dict[str, Any]:
             state[name] = ("list", [torch.as_tensor(v) for v in value])
         elif isinstance(value, _STATE_TYPES):
             state[name] = ("array", torch.as_tensor(value))
+        elif name in config or callable(value):
+            continue
+        elif _is_plain(value):
+            state[name] = ("plain", value)
+        else:
+            logger.warning(
+                "strategy %s: attribute %r (%s) is not checkpointed and will not survive a "
+                "resume; give the strategy state_dict() and load_state_dict()",
+                type(strategy).__name__,
+                name,
+                type(value).__name__,
+            )
     return state
 
 
@@ -211,5 +257,7 @@ def restore_strategy_state(strategy: Any, state: dict[str, Any]) -> None:
             setattr(strategy, name, {k: v.numpy() for k, v in value.items()})
         elif kind == "list":
             setattr(strategy, name, [v.numpy() for v in value])
+        elif kind == "plain":
+            setattr(strategy, name, value)
         else:
             setattr(strategy, name, value.numpy())

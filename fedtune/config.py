@@ -482,37 +482,9 @@ class Scenario:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
 
     def __post_init__(self) -> None:
-        client = self.client
-        _check(
-            not (
-                client.engine == "forward"
-                and client.forward_derivative == "jvp"
-                and self.model.quantization in ("nf4", "int4")
-            ),
-            "client.forward_derivative",
-            f"'jvp' needs forward-mode AD, which {self.model.quantization} layers "
-            "(bitsandbytes, HQQ) do not support: set it to 'fd' (finite differences) or "
-            "use model.quantization = 'int8' or 'none'",
-        )
-        seed_only = self.client.engine in ("zeroth", "auto")
-        _check(
-            not (seed_only and self.privacy.secure_aggregation),
-            "privacy.secure_aggregation",
-            f"masks adapter updates; client.engine = {self.client.engine!r} uploads seed "
-            "steps: use central or local DP without secure aggregation",
-        )
-        _check(
-            not (
-                self.gateway.enabled
-                and self.gateway.artifact_int8 == "dynamic"
-                and self.client.engine != "zeroth"
-            ),
-            "gateway.artifact_int8",
-            f"= 'dynamic' with client.engine = {self.client.engine!r}: ONNX Runtime training "
-            "has no gradient for DynamicQuantizeLinear/MatMulInteger, so phones could not "
-            "train by backprop; use 'weights' (int8 storage, fp32 arithmetic) or "
-            "client.engine = 'zeroth'",
-        )
+        from fedtune.checks import check_scenario
+
+        check_scenario(self)
 
     def to_toml(self) -> str:
         """Render the resolved scenario as TOML that :func:`load_scenario` reads back."""

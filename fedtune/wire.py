@@ -15,20 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedtune.models.lora import AdapterState
+from fedtune.protocol import ARRAYS_KEY, METRICS_KEY, SEEDS_KEY, WEIGHT_KEY
 
-ARRAYS_KEY = "arrays"
-"""Record key of the adapter (the key Flower's strategies use)."""
-METRICS_KEY = "metrics"
-CONFIG_KEY = "config"
-WEIGHT_KEY = "num-examples"
-"""Metric Flower's FedAvg weights by."""
 WIRE_DTYPES = ("fp32", "fp16", "int8")
 SCALE_SUFFIX = "::scale"
 
@@ -172,7 +166,7 @@ def check_update(
         array = record[key]
         if array.dtype != spec.dtype or tuple(array.shape) != spec.shape:
             got, want = f"{array.dtype}{list(array.shape)}", f"{spec.dtype}{list(spec.shape)}"
-            return None, f"{key}: got {got}, expected {want}"
+            return None, f"{key}: dtype and shape {got}, expected {want}"
     try:
         state = _decode(record, expected, wire_dtype)
     except Exception as exc:  # noqa: BLE001 - any undecodable payload is a bad reply
@@ -192,19 +186,7 @@ def client_error(message: Message, limit: int = 300) -> str:
     return "client error: " + (last if len(last) <= limit else last[: limit - 3] + "...")
 
 
-def metric(message: Message, key: str, default: Any = None) -> Any:
-    """A metric of a reply, or ``default`` when the reply carries no such metric."""
-    if message.has_error() or METRICS_KEY not in message.content.metric_records:
-        return default
-    return message.content.metric_records[METRICS_KEY].get(key, default)
-
-
 # --------------------------------------------------------------------------- seed steps
-
-SEEDS_KEY = "seed-steps"
-"""Record key of a seed-only (zeroth-order) update: ``index`` (int32 seed-pool indices)
-and ``scalar`` (fp32 projected gradients), one entry per local step, in order."""
-
 
 def seeds_to_record(steps: Sequence[tuple[int, float]]) -> ArrayRecord:
     """Seed steps as they travel: 8 bytes a step plus the record's headers."""
@@ -259,15 +241,3 @@ def check_seed_reply(
     if not np.isfinite(scalars).all():
         return None, "seed steps: non-finite scalars"
     return seeds_from_record(record), None
-
-
-ENGINE_KEY = "client-engine"
-"""Train-config key: the engine this client uses (``client.engine = "auto"``)."""
-VERSION_KEY = "adapter-version"
-"""Train-config key: how many aggregations made the global adapter sent (present when
-the strategy keeps a history of seed steps, so a zeroth client keeps its copy)."""
-CATCH_UP_KEY = "catch-up-from"
-"""Train-config key: the adapter version the seed steps sent in place of the adapter
-start from."""
-DIGEST_KEY = "adapter-digest"
-"""Train-config key: :func:`fedtune.engines.seeds.adapter_digest` of the global adapter."""

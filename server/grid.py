@@ -22,7 +22,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-INFO_KEY = "info"
+from fedtune.protocol import CLIENT_INDEX_KEY, INFO_KEY
+
 POLL_SECONDS = 0.05
 
 
@@ -57,6 +58,19 @@ class WrappedGrid(Grid):
         ttl: float | None = None,
     ) -> Message:
         return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def pull_replies(self, message_ids: Iterable[str]) -> list[tuple[str, Message]]:
+        """Replies that arrived, each paired with the id of the message it answers."""
+        return replies_of(self._grid, message_ids)
+
+
+def replies_of(grid: Grid, message_ids: Iterable[str]) -> list[tuple[str, Message]]:
+    """``grid``'s replies to ``message_ids``, each with the id it answers: a fedtune
+    grid pairs them itself (phones' replies carry no Flower message id); a Flower grid's
+    replies name it in their metadata."""
+    if isinstance(grid, WrappedGrid):
+        return grid.pull_replies(message_ids)
+    return [(r.metadata.reply_to_message_id, r) for r in grid.pull_messages(message_ids)]
 
 
 class DeviceGrid(WrappedGrid):
@@ -122,7 +136,7 @@ class DeviceGrid(WrappedGrid):
             if reply.has_error() or INFO_KEY not in reply.content.config_records:
                 log(WARNING, "Node %d did not describe itself; left out", node)
                 continue
-            index = reply.content.config_records[INFO_KEY].get("client-index")
+            index = reply.content.config_records[INFO_KEY].get(CLIENT_INDEX_KEY)
             if not isinstance(index, int) or not 0 <= index < population or index in taken:
                 log(
                     WARNING,
@@ -156,8 +170,7 @@ class DeviceGrid(WrappedGrid):
         replies: dict[str, Message] = {}
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
-            for reply in self._grid.pull_messages(list(pending)):
-                key = reply.metadata.reply_to_message_id
+            for key, reply in replies_of(self._grid, list(pending)):
                 if key not in pending:
                     log(
                         WARNING,
@@ -209,14 +222,17 @@ class GatewayGrid(WrappedGrid):
                 ids[i] = message_id
         return ids
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+    def pull_replies(self, message_ids: Iterable[str]) -> list[tuple[str, Message]]:
         phones, others = [], []
         for message_id in message_ids:
             (phones if self.gateway.owns_message(message_id) else others).append(message_id)
         replies = list(self.gateway.pull(phones)) if phones else []
         if others:
-            replies.extend(self._grid.pull_messages(others))
+            replies.extend(replies_of(self._grid, others))
         return replies
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [reply for _, reply in self.pull_replies(message_ids)]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -225,8 +241,8 @@ class GatewayGrid(WrappedGrid):
         pending, replies = set(ids), []
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending and (deadline is None or time.monotonic() < deadline):
-            for reply in self.pull_messages(list(pending)):
-                pending.discard(reply.metadata.reply_to_message_id)
+            for key, reply in self.pull_replies(list(pending)):
+                pending.discard(key)
                 replies.append(reply)
             if pending:
                 time.sleep(POLL_SECONDS)

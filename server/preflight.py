@@ -1,7 +1,8 @@
 """Checks before a federation starts, and the run folder's creation.
 
 Everything that bad input can break — the model package, the data, every client's
-partition, the strategy name — is checked here, in the launching process, before Ray
+partition, the strategy name, every rule between sections (:mod:`fedtune.checks`) — is
+checked here, in the launching process, before Ray
 or a SuperLink sees the run, so a mistake costs a second and one clear line, and
 leaves no ``summary.json`` behind.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedtune.checks import check_federation
 from fedtune.config import Scenario
 from fedtune.errors import FedtuneError
+from fedtune.protocol import traits_of
 
 
 def preflight(scenario: Scenario) -> int:
@@ -20,7 +23,6 @@ def preflight(scenario: Scenario) -> int:
     from fedtune.models import load_tokenizer, model_dir
     from fedtune.models.base import TINY
     from fedtune.models.targets import check_lora_targets
-    from fedtune.privacy.strategy import wrap_private
     from fedtune.strategies import build_strategy
 
     if scenario.model.quantization != "none":  # the library, before any process loads it
@@ -35,48 +37,18 @@ def preflight(scenario: Scenario) -> int:
     for client in population.train:
         client_train_chunks(tokenizer, client, scenario.data, scenario.client.seq_len)
     eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
-    if scenario.round.sampled > len(population.train):
-        raise FedtuneError(
-            f"round.clients_per_round = {scenario.round.clients_per_round} (with over-selection "
-            f"{scenario.round.sampled}) exceeds the {len(population.train)} training clients: "
-            "lower it or raise data.num_clients"
-        )
     strategy = build_strategy(
         scenario.strategy.name,
         dict(scenario.strategy.params),
         population=len(population.train),
         clients_per_round=scenario.round.sampled,
     )
-    wrap_private(strategy, scenario, len(population.train))  # refuses contradicting [privacy]
-    if scenario.client.engine == "auto" and not scenario.devices.enabled:
-        raise FedtuneError(
-            "client.engine = 'auto' picks an engine per device tier: set [devices] "
-            "enabled = true, or name an engine (backprop, forward, zeroth)"
-        )
-    if hasattr(strategy, "seed_history"):  # fedkseed: aggregates seed steps
-        if scenario.client.engine != "zeroth":
-            raise FedtuneError(
-                f"strategy {scenario.strategy.name!r} aggregates seed steps: set "
-                f"client.engine = 'zeroth' (not {scenario.client.engine!r})"
-            )
-        if scenario.privacy.mode != "none":
-            raise FedtuneError(
-                f"strategy {scenario.strategy.name!r} replays the clients' seed steps, which "
-                "[privacy] replaces by one private mean: use strategy.name = 'fedavg' with DP"
-            )
+    mixed: dict[str, int] = {}
     if scenario.devices.enabled:
         from fedtune.server.fleet import Fleet
-        from fedtune.strategies.ranks import require_mixed_ranks
 
-        fleet = Fleet.from_scenario(scenario, len(population.train))
-        mixed = fleet.mixed_ranks(scenario.lora.r)
-        require_mixed_ranks(strategy, scenario.strategy.name, mixed, scenario.lora.r)
-        if mixed and scenario.client.engine in ("zeroth", "auto"):
-            raise FedtuneError(
-                f"client.engine = {scenario.client.engine!r} replays seed steps on the adapter "
-                f"sent: it cannot train the mixed LoRA ranks of tiers {', '.join(sorted(mixed))} "
-                "(set devices.tier_ranks = false)"
-            )
+        mixed = Fleet.from_scenario(scenario, len(population.train)).mixed_ranks(scenario.lora.r)
+    check_federation(scenario, traits_of(strategy), len(population.train), mixed)
     return len(population.train)
 
 

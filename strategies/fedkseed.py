@@ -35,7 +35,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtune.engines.seeds import SeedStep, aggregate_steps, replay, seed_pool
 from fedtune.errors import ConfigError
-from fedtune.wire import SEEDS_KEY, from_record, to_record
+from fedtune.protocol import SEEDS_KEY, StrategyTraits
+from fedtune.wire import from_record, to_record
 
 
 class FedKSeed(FedAvg):
@@ -45,6 +46,8 @@ class FedKSeed(FedAvg):
     ``client.engine = "zeroth"``; ``configure_train`` and ``aggregate_train`` must be
     called in that order each round (fedtune's round loop does).
     """
+
+    traits = StrategyTraits(seed_steps=True)
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -8,7 +8,8 @@ The paper finds that the A factors learn what clients have in common and the B
 factors what is particular to each client: A is averaged by the server, B never
 leaves the client's model (a personalised adapter ``(mean A, B_i)`` per client).
 
-Server side (this class): ``configure_train`` tells clients ``"lora-local": "B"``;
+Server side (this class): it declares ``keeps_local = "B"`` (the round loop tells
+clients to keep their B);
 ``aggregate_train`` is FedAvg's, unchanged: it averages every tensor weighted by
 ``num-examples`` (see "The global B" below for why B is averaged too). Client side:
 fedtune's ClientApp keeps its B in the node's ``context.state`` after training and,
@@ -30,14 +31,9 @@ sent), so bytes up are those of FedAvg, not the paper's A-only upload.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-LOCAL_KEY = "lora-local"
-"""Train-config key the ClientApp reads: which LoRA factor stays on the client."""
+from fedtune.protocol import StrategyTraits
 
 
 class FedSaLora(FedAvg):
@@ -48,9 +44,4 @@ class FedSaLora(FedAvg):
     clients in their first round only (see the module docstring).
     """
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """FedAvg's sampling and messages, with ``"lora-local": "B"`` in the config."""
-        config[LOCAL_KEY] = "B"
-        return super().configure_train(server_round, arrays, config, grid)
+    traits = StrategyTraits(keeps_local="B")

@@ -9,13 +9,13 @@ Averaging the two LoRA factors separately is not averaging the clients' updates:
 only half of the adapter is trained (less noise to add under differential privacy,
 which is the paper's main motive).
 
-Server side (this class): ``configure_train`` asks clients to train only B
-(``"lora-train": "B"`` in the train config) and keeps the adapter it sent;
+Server side (this class): it declares ``trains = "B"`` (the round loop tells clients
+to train only B) and keeps the adapter it sent;
 ``aggregate_train`` averages the clients' ``lora_B`` tensors (weighted by
 ``num-examples``) and returns every other tensor — A included — exactly as sent, so A
 stays at its seeded initialisation for the whole run whatever the clients reply.
-Client side: fedtune's backprop engine honours ``lora-train`` (only ``lora_B``
-weights get gradients and optimizer state).
+Client side: fedtune's engines honour the instruction (only ``lora_B`` weights get
+gradients and optimizer state).
 
 The server's held-out evaluation scores the global adapter ``(A_0, mean B)``: the
 adapter every sampled client starts its next round from.
@@ -29,11 +29,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedtune.protocol import StrategyTraits
 from fedtune.strategies.lora_math import select, unpack_replies, weighted_average
 from fedtune.wire import from_record, to_record
-
-TRAIN_KEY = "lora-train"
-"""Train-config key the client engine reads: which LoRA factor it trains."""
 
 
 class FfaLora(FedAvg):
@@ -44,15 +42,15 @@ class FfaLora(FedAvg):
     loop does): the adapter sent is the source of the returned A.
     """
 
+    traits = StrategyTraits(trains="B")
     sent_arrays: ArrayRecord | None = None
     """The adapter sent by the last ``configure_train`` (checkpointed as strategy state)."""
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's sampling and messages, with ``"lora-train": "B"`` in the config."""
+        """FedAvg's sampling and messages; keeps the adapter sent."""
         self.sent_arrays = arrays
-        config[TRAIN_KEY] = "B"
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(

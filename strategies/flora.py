@@ -11,8 +11,8 @@ paper each client merges the stacked update into its base weights and trains a f
 LoRA on top every round.
 
 Here: the client receives the global adapter (whole, whatever its own rank), merges it
-into its copy of the base weights (``"lora-fresh"`` in the train config; fedtune's
-ClientApp restores the weights afterwards), trains a fresh adapter of its rank from
+into its copy of the base weights (the ``fresh_adapter`` trait; fedtune's ClientApp
+restores the weights afterwards), trains a fresh adapter of its rank from
 PEFT's init (B = 0) and uploads it. ``aggregate_train`` stacks the global adapter
 (weight 1) with the clients' fresh adapters (weights ``p_k``, by ``num-examples``):
 the product is the old global update plus the clients' weighted updates, exactly.
@@ -26,18 +26,14 @@ approximation. The relative error dropped is logged every round.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord
 from flwr.common.logger import log
-from flwr.serverapp import Grid
 
+from fedtune.protocol import StrategyTraits
 from fedtune.strategies.lora_math import Adapter, refactor, stack
 from fedtune.strategies.ranks import MixedRanks
-
-FRESH_KEY = "lora-fresh"
-"""Train-config key the ClientApp reads: merge the received adapter, train a fresh one."""
 
 
 class Flora(MixedRanks):
@@ -46,15 +42,9 @@ class Flora(MixedRanks):
     Parameters are those of :class:`flwr.serverapp.strategy.FedAvg`.
     """
 
+    traits = StrategyTraits(mixed_ranks=True, fresh_adapter=True)
     last_error: float = 0.0
     """Relative error of the last re-factorisation to the global rank (0: exact)."""
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """FedAvg's sampling and messages, with ``"lora-fresh": True`` in the config."""
-        config[FRESH_KEY] = True
-        return super().configure_train(server_round, arrays, config, grid)
 
     def download(self, arrays: ArrayRecord, rank: int) -> ArrayRecord:
         """The whole global adapter: every client merges all of it."""

@@ -3,9 +3,10 @@
 A tier of ``simulations/devices.toml`` may give its clients a ``lora_rank`` below the
 scenario's ``lora.r`` (the global rank). Averaging adapters of different shapes is
 undefined, so fedtune's round loop only mixes ranks under a strategy that says how:
-one with ``mixed_ranks = True`` and a :meth:`MixedRanks.download` method. For every
+one whose traits declare ``mixed_ranks`` and that has a :meth:`MixedRanks.download`
+method. For every
 sampled client of rank ``r`` the loop sends ``download(global, r)`` with
-``"lora-rank": r`` in its config, and validates the reply against rank-``r`` shapes;
+that rank in its instructions, and validates the reply against rank-``r`` shapes;
 ``aggregate_train`` then receives replies of several ranks and must return an adapter
 of the global rank. Any other strategy given mixed ranks is refused before round 1.
 
@@ -23,29 +24,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedtune.errors import StrategyError
+from fedtune.protocol import StrategyTraits
 from fedtune.strategies.lora_math import Adapter, rank_of, truncate, unpack_replies
 from fedtune.wire import from_record, to_record
-
-RANK_KEY = "lora-rank"
-"""Train-config key the ClientApp reads: the rank of the adapter this client trains."""
-
-
-def require_mixed_ranks(strategy: object, name: str, mixed: dict[str, int], rank: int) -> None:
-    """Refuse a strategy that cannot mix ranks when tiers (``mixed``) differ from ``rank``."""
-    if mixed and not getattr(strategy, "mixed_ranks", False):
-        tiers = ", ".join(f"{tier} (rank {r})" for tier, r in sorted(mixed.items()))
-        raise StrategyError(
-            f"strategy {name!r} cannot aggregate adapters of different LoRA ranks, and "
-            f"device tiers {tiers} differ from lora.r = {rank}: use a strategy that mixes "
-            "ranks (flora, hetlora, flexlora) or set devices.tier_ranks = false"
-        )
 
 
 class MixedRanks(FedAvg):
     """FedAvg's sampling for strategies that train clients of several LoRA ranks."""
 
-    mixed_ranks = True
+    traits = StrategyTraits(mixed_ranks=True)
     sent_arrays: ArrayRecord | None = None
     """The global adapter sent by the last ``configure_train`` (checkpointed)."""
 

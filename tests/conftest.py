@@ -54,3 +54,26 @@ def watch_and_board(folder: Path) -> Path:
         f"[tiers.board]\nslowdown = 1\nmemory_mb = 64000\n{always}"
     )
     return path
+
+
+def engine_config(engine: str = "backprop", **values: object) -> object:
+    """Engine ``engine``'s settings object from the given values; the others take
+    ``[client]``'s defaults (eps: 1e-2, which suits fp32 and bf16 alike). Values the
+    engine has no field for are left out, so one call can serve a test parametrized over
+    engines."""
+    import dataclasses
+
+    from fedtune.config import ClientConfig
+    from fedtune.engines import ForwardSettings, LocalTraining, ZerothSettings
+
+    cls = {"backprop": LocalTraining, "zeroth": ZerothSettings, "forward": ForwardSettings}[engine]
+    client, fallback = ClientConfig(), {"eps": 1e-2, "run_seed": 0}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            kwargs[f.name] = values[f.name]
+        elif f.name in fallback:
+            kwargs[f.name] = fallback[f.name]
+        elif f.default is dataclasses.MISSING:
+            kwargs[f.name] = getattr(client, f.name)
+    return cls(**kwargs)

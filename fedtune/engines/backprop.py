@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedtune.engines.base import EngineConfig, Update, sample_batches
+from fedtune.engines.base import LocalTraining, Update, first_and_last, sample_batches
 from fedtune.errors import ConfigError
 from fedtune.models.lora import adapter_state
 
@@ -25,7 +25,7 @@ class BackpropEngine:
 
     name = "backprop"
 
-    def train(self, model: Any, chunks: torch.Tensor, config: EngineConfig) -> Update:
+    def train(self, model: Any, chunks: torch.Tensor, config: LocalTraining) -> Update:
         marker = "lora_" if config.train_only == "all" else f"lora_{config.train_only}"
         lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
         params = [p for n, p in lora if marker in n]
@@ -59,7 +59,7 @@ class BackpropEngine:
             state=adapter_state(model),
             num_examples=config.local_steps * config.batch_size,
             loss=sum(losses) / len(losses),
-            metrics={"loss-first": losses[0], "loss-last": losses[-1]},
+            metrics=first_and_last(losses),
         )
 
 

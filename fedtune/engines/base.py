@@ -1,8 +1,10 @@
 """The protocol every local-training engine follows.
 
 An engine trains the adapter of a PEFT model on a client's chunks and returns an
-:class:`Update`. Engines get plain arguments (:class:`EngineConfig`), never the whole
-scenario, so they can be used outside a federation.
+:class:`Update`. Engines get plain arguments — their own settings object
+(:class:`LocalTraining` for ``backprop``, :class:`ZerothSettings`,
+:class:`ForwardSettings`) — never the whole scenario, so they can be used outside a
+federation; :func:`fedtune.engines.engine_settings` builds them from a scenario.
 """
 
 from __future__ import annotations
@@ -15,54 +17,30 @@ import torch
 from fedtune.engines.seeds import SeedStep
 from fedtune.errors import ConfigError
 from fedtune.models.lora import AdapterState
+from fedtune.protocol import LOSS_FIRST_KEY, LOSS_LAST_KEY, TRAIN_ONLY
 
-TRAIN_ONLY = ("all", "A", "B")
-"""Values of :attr:`EngineConfig.train_only`."""
 DERIVATIVES = ("jvp", "fd")
-"""Values of :attr:`EngineConfig.forward_derivative`."""
+"""Values of :attr:`ForwardSettings.forward_derivative`."""
 OPTIMIZERS = ("sgd", "adamw")
-"""Values of :attr:`EngineConfig.forward_optimizer`."""
+"""Values of :attr:`ForwardSettings.forward_optimizer`."""
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """What an engine needs to train one client for one round."""
+@dataclass(frozen=True, kw_only=True)
+class LocalTraining:
+    """What every engine needs to train one client for one round: the settings of the
+    ``backprop`` engine, and the base of the others'."""
 
     lr: float
     local_steps: int
     batch_size: int
     weight_decay: float = 0.0
     seed: int = 0
-    """Seeds batch sampling and dropout of this client-round."""
+    """Seeds batch sampling, dropout and perturbations of this client-round."""
     proximal_mu: float = 0.0
     """FedProx weight ``mu`` of ``mu/2 * ||w - w_global||^2`` on the adapter (0: off)."""
     train_only: str = "all"
     """Which LoRA factor is trained: ``all``, ``A`` or ``B`` (the other stays exactly as
     loaded; FFA-LoRA trains only ``B``)."""
-    eps: float = 1e-2
-    """Perturbation size of two-point finite differences (``zeroth``; ``forward`` with
-    ``forward_derivative = "fd"``). 1e-2 suits fp32 and bf16 compute alike: on
-    SmolLM2-135M it is within 3-8% of the exact slope in fp32 (1e-3: 0.1%), while in
-    bf16 anything below 1e-2 drowns in rounding (1e-3: off by 86-1400%)."""
-    num_seeds: int = 4096
-    """K, the size of the ``zeroth`` engine's seed pool (FedKSeed's default)."""
-    run_seed: int = 0
-    """The run's seed: fixes the seed pool, which the server and all clients share."""
-    perturbations: int = 4
-    """``forward``: directions drawn per step before the variance check."""
-    max_perturbations: int = 16
-    """``forward``: at most this many directions per step."""
-    variance_threshold: float = 0.05
-    """``forward``: draw more directions while the estimated variance of the gradient
-    estimate (mean over its values; it needs two directions) exceeds this. 0 always
-    draws ``max_perturbations``. With 4 directions SmolLM2-135M's estimate measured
-    0.05-0.09 (LoRA r=8 on q, v; 4 x 128 tokens), so early steps draw a few more."""
-    forward_derivative: str = "jvp"
-    """``forward``: directional derivative by ``jvp`` (exact, forward-mode AD) or ``fd``
-    (two-point finite difference with ``eps``, forward passes only)."""
-    forward_optimizer: str = "sgd"
-    """``forward``: the optimizer that applies the estimated gradient, ``sgd`` or
-    ``adamw``."""
 
     def __post_init__(self) -> None:
         if not self.proximal_mu >= 0:
@@ -71,10 +49,55 @@ class EngineConfig:
             raise ConfigError(
                 f"lora-train must be one of {', '.join(TRAIN_ONLY)}, got {self.train_only!r}"
             )
+
+
+BackpropSettings = LocalTraining
+"""The ``backprop`` engine needs nothing more."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ZerothSettings(LocalTraining):
+    """``zeroth``: MeZO steps over FedKSeed's seed pool."""
+
+    eps: float
+    """Perturbation size of the two-point differences (:func:`default_eps`)."""
+    num_seeds: int
+    """K, the size of the seed pool."""
+    run_seed: int
+    """The run's seed: fixes the seed pool, which the server and all clients share."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.eps > 0:
             raise ConfigError(f"eps must be positive, got {self.eps!r}")
         if self.num_seeds < 1:
             raise ConfigError(f"num-seeds must be at least 1, got {self.num_seeds!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardSettings(LocalTraining):
+    """``forward``: forward gradients, a few directions per step (FwdLLM)."""
+
+    eps: float
+    """Perturbation size of finite differences (``forward_derivative = "fd"``)."""
+    perturbations: int
+    """Directions drawn per step before the variance check."""
+    max_perturbations: int
+    """At most this many directions per step."""
+    variance_threshold: float
+    """Draw more directions while the estimated variance of the gradient estimate (mean
+    over its values; it needs two directions) exceeds this; 0 always draws
+    ``max_perturbations``."""
+    forward_derivative: str
+    """Directional derivative by ``jvp`` (exact, forward-mode AD) or ``fd`` (two-point
+    finite difference with ``eps``, forward passes only)."""
+    forward_optimizer: str
+    """The optimizer that applies the estimated gradient, ``sgd`` or ``adamw``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be positive, got {self.eps!r}")
         if not 1 <= self.perturbations <= self.max_perturbations:
             raise ConfigError(
                 "need 1 <= perturbations <= max-perturbations, got "
@@ -99,7 +122,9 @@ def default_eps(compute_dtype: str) -> float:
 
     fp32: 1e-3, MeZO's choice, within 0.1% of the exact slope on SmolLM2-135M. bf16
     keeps 8 bits of mantissa: the loss difference of a 1e-3 step drowns in rounding
-    (measured 86-1400% off), while 1e-2 comes within 3-8%.
+    (measured 86-1400% off), while 1e-2 comes within 3-8%. ``"device"``: phones' ONNX
+    graphs, whose int8 weights (and dynamic activation quantization) make the loss
+    non-smooth at small steps: 1e-2.
     """
     return 1e-3 if compute_dtype == "fp32" else 1e-2
 
@@ -127,7 +152,14 @@ class Engine(Protocol):
 
     name: str
 
-    def train(self, model: Any, chunks: torch.Tensor, config: EngineConfig) -> Update: ...
+    def train(self, model: Any, chunks: torch.Tensor, config: Any) -> Update:
+        """Train on ``chunks`` with this engine's settings (a :class:`LocalTraining`)."""
+        ...
+
+
+def first_and_last(losses: list[float]) -> dict[str, float]:
+    """The metrics every engine reports: its first and last step's loss."""
+    return {LOSS_FIRST_KEY: losses[0], LOSS_LAST_KEY: losses[-1]}
 
 
 def sample_batches(num_chunks: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:

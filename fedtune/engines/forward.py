@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.engines.base import EngineConfig, Update, sample_batches
+from fedtune.engines.base import ForwardSettings, Update, first_and_last, sample_batches
 from fedtune.engines.seeds import perturbation
 from fedtune.errors import ConfigError
 from fedtune.models.lora import adapter_state
@@ -53,7 +53,7 @@ class ForwardEngine:
 
     name = "forward"
 
-    def train(self, model: Any, chunks: torch.Tensor, config: EngineConfig) -> Update:
+    def train(self, model: Any, chunks: torch.Tensor, config: ForwardSettings) -> Update:
         marker = "lora_" if config.train_only == "all" else f"lora_{config.train_only}"
         lora = [p for n, p in model.named_parameters() if "lora_" in n]
         params = {n: p for n, p in sorted(model.named_parameters()) if marker in n}
@@ -97,8 +97,7 @@ class ForwardEngine:
             variances.append(variance)
         passes = sum(counts) * (1 if config.forward_derivative == "jvp" else 2)
         metrics = {
-            "loss-first": losses[0],
-            "loss-last": losses[-1],
+            **first_and_last(losses),
             "perturbations-per-step": sum(counts) / len(counts),
             "forward-passes": float(passes),
         }
@@ -117,7 +116,7 @@ def estimate_gradient(
     point: Tensors,
     input_ids: torch.Tensor,
     directions: np.random.Generator,
-    config: EngineConfig,
+    config: ForwardSettings,
 ) -> tuple[float, Tensors, list[float], float]:
     """One step's estimate ``mean_i d_i v_i`` at ``point`` (fp32), drawing directions
     until the variance check passes. Returns the loss, the estimate, the slopes ``d_i``

@@ -151,3 +151,33 @@ def adapter_digest(state: AdapterState) -> str:
         digest.update(f"{key}:{list(value.shape)};".encode())
         digest.update(value.numpy().tobytes())
     return digest.hexdigest()
+
+
+class CatchUpError(ValueError):
+    """The kept adapter cannot be brought to the server's by the steps sent."""
+
+
+def catch_up_adapter(
+    kept: tuple[int, AdapterState] | None,
+    start: int,
+    steps: Sequence[SeedStep],
+    pool: Sequence[int],
+    lr: float,
+    train_only: str,
+    digest: str,
+) -> AdapterState:
+    """FedKSeed's catch-up: the kept ``(version, adapter)`` with the server's ``steps``
+    since version ``start`` replayed on it, checked against the server's ``digest``.
+
+    The one implementation for a zeroth ClientApp (its node's copy) and the device
+    gateway (the copy it last sent a phone).
+    """
+    if kept is None:
+        raise CatchUpError(f"cannot catch up from adapter version {start}: none kept")
+    version, adapter = kept
+    if version != start:
+        raise CatchUpError(f"cannot catch up from adapter version {start}: holds {version}")
+    state = replay(adapter, steps, pool, lr, train_only)
+    if adapter_digest(state) != digest:
+        raise CatchUpError(f"the adapter replayed from version {start} differs from the server's")
+    return state

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.engines.base import EngineConfig, Update, sample_batches
+from fedtune.engines.base import Update, ZerothSettings, first_and_last, sample_batches
 from fedtune.engines.seeds import (
     SeedStep,
     apply_step,
@@ -40,7 +40,7 @@ class ZerothEngine:
 
     name = "zeroth"
 
-    def train(self, model: Any, chunks: torch.Tensor, config: EngineConfig) -> Update:
+    def train(self, model: Any, chunks: torch.Tensor, config: ZerothSettings) -> Update:
         if config.weight_decay > 0:
             raise ConfigError(
                 "engine 'zeroth' applies no weight decay (its update must replay from the "
@@ -84,7 +84,7 @@ class ZerothEngine:
             state=master,
             num_examples=config.local_steps * config.batch_size,
             loss=sum(losses) / len(losses),
-            metrics={"loss-first": losses[0], "loss-last": losses[-1]},
+            metrics=first_and_last(losses),
             seed_steps=steps,
         )
 

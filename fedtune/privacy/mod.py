@@ -1,13 +1,14 @@
 """The client's side of privacy: a Flower mod around the ClientApp's train function.
 
 After training, the mod turns the reply into what may leave the device, as the server's
-:class:`~fedtune.privacy.strategy.PrivateAggregation` asked in the train config:
+:class:`~fedtune.strategies.private.PrivateAggregation` asked in the train config:
 
-- ``"privacy-clip"`` (always, when privacy is on): the update — the adapter trained minus
-  the adapter received, on the LoRA factors the client trains (``"lora-train"``) — is
-  clipped to that L2 norm;
-- ``"privacy-noise"`` (local DP): ``N(0, (sigma C)^2)`` is added to every value of it;
-- a ``"secagg"`` record (secure aggregation): the clipped update is quantized and masked
+- a clipping bound (:attr:`~fedtune.protocol.TrainInstructions.clip`, always when
+  privacy is on): the update — the adapter trained minus the adapter received, on the
+  LoRA factors the client trains — is clipped to that L2 norm;
+- a noise multiplier (:attr:`~fedtune.protocol.TrainInstructions.noise`, local DP):
+  ``N(0, (sigma C)^2)`` is added to every value of it;
+- a secure-aggregation record (secure aggregation): the clipped update is quantized and masked
   (:func:`fedtune.privacy.secagg.mask_update`) and travels in place of the adapter.
 
 Otherwise the reply carries the received adapter plus the (clipped, noised) update,
@@ -33,11 +34,8 @@ from fedtune.privacy.clipping import (
     secret_generator,
 )
 from fedtune.privacy.secagg import COUNT_KEY, RECORD, mask_update
+from fedtune.protocol import ARRAYS_KEY, METRICS_KEY, SEEDS_KEY, TrainInstructions
 from fedtune.wire import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    METRICS_KEY,
-    SEEDS_KEY,
     check_update,
     encode_update,
     expected_specs,
@@ -47,32 +45,26 @@ from fedtune.wire import (
     to_record,
 )
 
-CLIP_KEY = "privacy-clip"
-"""Train-config key: the L2 bound of the update (set by the server each round)."""
-NOISE_KEY = "privacy-noise"
-"""Train-config key: the local noise multiplier (local DP only)."""
-TRAIN_KEY = "lora-train"
-"""Train-config key of the LoRA factor a client trains (FFA-LoRA: ``B``)."""
 NO_SIZE_BOUND = 1 << 62
 
 
 def privacy_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Clip, noise or mask the trained update before it leaves the client."""
     reply = call_next(message, context)
-    config = dict(message.content.config_records[CONFIG_KEY])
-    if CLIP_KEY not in config or reply.has_error():
+    asked = TrainInstructions.of(message)
+    if asked.clip is None or reply.has_error():
         return reply
     received = from_record(message.content.array_records[ARRAYS_KEY])
     if SEEDS_KEY in reply.content.array_records:
-        return _privatize_seed_reply(reply, config, received)
-    wire = str(config.get("client.wire_dtype", "fp32"))
+        return _privatize_seed_reply(reply, asked, received)
+    wire = asked.scenario.client.wire_dtype
     trained, _ = check_update(reply, expected_specs(received), NO_SIZE_BOUND, wire)
     if trained is None:
         return reply
-    bound = float(config[CLIP_KEY])
-    keys = trained_keys(received, str(config.get(TRAIN_KEY, "all")))
+    bound = asked.clip
+    keys = trained_keys(received, asked.train_only)
     update, unclipped = clip(difference(trained, received, keys), bound)
-    noise = float(config.get(NOISE_KEY, 0.0))
+    noise = asked.noise
     if noise > 0:
         update = add_noise(update, noise * bound, secret_generator())
 
@@ -93,7 +85,9 @@ def privacy_mod(message: Message, context: Context, call_next: ClientAppCallable
     return reply
 
 
-def _privatize_seed_reply(reply: Message, config: dict, received: AdapterState) -> Message:
+def _privatize_seed_reply(
+    reply: Message, asked: TrainInstructions, received: AdapterState
+) -> Message:
     """Local DP for a seed-only reply: clip the vector of scalars and noise each (DPZero).
 
     The update the steps replay to is ``-lr * sum_j g_j z_j`` with ±1 directions over the
@@ -105,13 +99,13 @@ def _privatize_seed_reply(reply: Message, config: dict, received: AdapterState) 
     adapter update under the same multiplier. Central DP needs nothing here: the server
     clips and noises the replayed adapters.
     """
-    noise = float(config.get(NOISE_KEY, 0.0))
-    if noise <= 0:
+    noise = asked.noise
+    if noise <= 0 or asked.clip is None:
         return reply
-    keys = trained_keys(received, str(config.get(TRAIN_KEY, "all")))
+    keys = trained_keys(received, asked.train_only)
     values = sum(received[k].numel() for k in keys)
-    lr = float(config["client.lr"])
-    bound = float(config[CLIP_KEY]) / (lr * math.sqrt(values))
+    lr = asked.scenario.client.lr
+    bound = asked.clip / (lr * math.sqrt(values))
     steps = seeds_from_record(reply.content.array_records[SEEDS_KEY])
     reply.content[SEEDS_KEY] = seeds_to_record(
         privatize_seed_steps(steps, bound, noise, secret_generator())

@@ -66,15 +66,17 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from fedtune.protocol import ROUND_KEY, SECAGG_ACTION, SECAGG_COUNT_KEY, SECAGG_RECORD
+
 MODULUS = 1 << 24
 """Masked values live in Z_M; below 2^24 every one is exact in fp32."""
-ACTION = "secagg"
+ACTION = SECAGG_ACTION
 MESSAGE_TYPE = f"{MessageType.QUERY}.{ACTION}"
-RECORD = "secagg"
+RECORD = SECAGG_RECORD
 """Key of the protocol's ConfigRecord in stage and train messages and in replies."""
 STATE = "secagg-state"
 """Key of the client's protocol state in ``context.state.config_records``."""
-COUNT_KEY = "secagg-unclipped"
+COUNT_KEY = SECAGG_COUNT_KEY
 """Reply metric: the masked indicator "my update was within the clipping bound"."""
 KEYS, SHARES, UNMASK = "keys", "shares", "unmask"
 
@@ -104,7 +106,7 @@ def threshold_for(shares: int, fraction: float) -> int:
 
 def stage_message(node: int, rnd: int, stage: str, body: dict[str, Any]) -> Message:
     return Message(
-        RecordDict({RECORD: ConfigRecord({"stage": stage, "round": rnd, **body})}),
+        RecordDict({RECORD: ConfigRecord({"stage": stage, ROUND_KEY: rnd, **body})}),
         dst_node_id=node,
         message_type=MESSAGE_TYPE,
         group_id=str(rnd),
@@ -150,7 +152,7 @@ class SecAggRound:
         sources = self.forwarded[node]
         return ConfigRecord(
             {
-                "round": self.rnd,
+                ROUND_KEY: self.rnd,
                 "sources": [src for src, _ in sources],
                 "ciphertexts": [ciphertext for _, ciphertext in sources],
                 "levels": self.levels,
@@ -274,7 +276,7 @@ def masked_vectors(content: RecordDict, arrays_key: str, metrics_key: str) -> Ve
 def handle_stage(message: Message, context: Context) -> Message:
     """The client's side of stages ``keys``, ``shares`` and ``unmask``."""
     request = _body(message)
-    stage, rnd = str(request["stage"]), int(request["round"])
+    stage, rnd = str(request["stage"]), int(request[ROUND_KEY])
     node = message.metadata.dst_node_id
     if stage == KEYS:
         state, reply = _keys(rnd, int(request["threshold"]))
@@ -297,7 +299,7 @@ def _state(context: Context, rnd: int, stage: str) -> dict[str, Any]:
     if STATE not in context.state.config_records:
         raise ValueError(f"secure aggregation: stage {stage!r} of round {rnd} before 'keys'")
     state = dict(context.state.config_records[STATE])
-    if state["round"] != rnd:
+    if state[ROUND_KEY] != rnd:
         raise ValueError(
             f"secure aggregation: stage {stage!r} of round {rnd}, keys of {state['round']}"
         )
@@ -308,7 +310,7 @@ def _keys(rnd: int, threshold: int) -> tuple[dict[str, Any], dict[str, Any]]:
     mask_private, mask_public = generate_key_pairs()
     channel_private, channel_public = generate_key_pairs()
     state = {
-        "round": rnd,
+        ROUND_KEY: rnd,
         "threshold": threshold,
         "sk-mask": private_key_to_bytes(mask_private),
         "sk-channel": private_key_to_bytes(channel_private),
@@ -348,7 +350,7 @@ def mask_update(context: Context, message: Message, vectors: Vectors, count: int
     """Step 3 on the client: keep the shares the train ``message`` brought, mask
     ``vectors`` (floats within its ``range``) and ``count``; the masked vectors, count last."""
     record, node = _body(message), message.metadata.dst_node_id
-    rnd = int(record["round"])
+    rnd = int(record[ROUND_KEY])
     state = _state(context, rnd, "train")
     peers = state["peers"]
     sources = [int(s) for s in record["sources"]]

@@ -118,3 +118,32 @@ def test_engine_combinations_refused_before_the_run(tmp_path, scenario, override
     out = tmp_path / "run"
     args = [a for o in overrides for a in ("--set", o)]
     check_error(run_cli("simulate", scenario, "--out", str(out), *args), out, *needles)
+
+
+@pytest.mark.parametrize(("command", "strategy"), [("simulate", "flora"), ("serve", "fedsa-lora")])
+def test_zeroth_with_a_strategy_it_cannot_replay_is_refused_before_any_process(
+    tmp_path, command, strategy
+):
+    """Seed steps replay on the adapter sent; FLoRA trains a fresh adapter on merged
+    weights and FedSA-LoRA keeps B on the client. Refused in preflight: no Ray session,
+    no SuperLink submission, no run folder."""
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    out = tmp_path / "run"
+    extra = ["--superlink", "127.0.0.1:1"] if command == "serve" else []
+    result = run_cli(
+        command,
+        "tiny",
+        "--out",
+        str(out),
+        "--set",
+        f"strategy.name={strategy}",
+        "--set",
+        "client.engine=zeroth",
+        *extra,
+        env={"RAY_TMPDIR": str(ray_tmp)},
+        timeout=120,
+    )
+    check_error(result, out, "client.engine = 'zeroth'", f"strategy {strategy!r}")
+    assert list(ray_tmp.iterdir()) == []  # Ray never started
+    assert not out.exists()  # nothing written, nothing submitted

@@ -88,3 +88,65 @@ def test_server_optimizer_state_round_trips():
     restore_strategy_state(fresh_m, strategy_state(momentum))
     assert np.array_equal(fresh_m.current_arrays["w"].numpy(), np.ones(3))
     assert np.array_equal(fresh_m.momentum_vector[0], np.full(3, 2.0))
+
+
+# A plug-in as a researcher writes it: Flower's FedAvg plus a counter, no fedtune API.
+PLUGIN = '''
+from flwr.serverapp.strategy import FedAvg
+
+
+class CountingAvg(FedAvg):
+    """FedAvg that counts its aggregations."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+        self.history = []
+
+    def aggregate_train(self, server_round, replies):
+        self.calls += 1
+        self.history.append(server_round)
+        return super().aggregate_train(server_round, replies)
+'''
+
+
+def test_a_plugins_scalar_state_resumes_through_a_checkpoint_file(tmp_path, monkeypatch):
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    from fedtune.checkpoint import load_latest_checkpoint
+    from fedtune.server.loop import RunState, aggregate_in_client_order
+
+    from .node_grid import NodeListGrid, task_identity
+
+    (tmp_path / "counting_avg.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from counting_avg import CountingAvg  # an outside module, not fedtune's
+
+    adapter = {"w": torch.ones(2, 3)}
+
+    def one_round(strategy, rnd):
+        with task_identity():
+            (sent,) = strategy.configure_train(
+                rnd,
+                ArrayRecord({"w": Array(adapter["w"].numpy())}),
+                ConfigRecord({}),
+                NodeListGrid([1]),
+            )
+            content = RecordDict(
+                {"arrays": sent.content["arrays"], "metrics": MetricRecord({"num-examples": 2})}
+            )
+            aggregate_in_client_order(strategy, rnd, [(0, Message(content, reply_to=sent))])
+
+    strategy = CountingAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
+    for rnd in (1, 2):
+        one_round(strategy, rnd)
+    state = RunState(adapter, 10.0, 9.0, round=2, strategy=strategy_state(strategy))
+    save_checkpoint(tmp_path / "checkpoints", state.to_checkpoint_of("tiny", "[run]\n", "d"), 3)
+
+    resumed = CountingAvg(fraction_train=1.0, min_train_nodes=1, min_available_nodes=1)
+    restore_strategy_state(resumed, load_latest_checkpoint(tmp_path / "checkpoints").strategy)
+    assert (resumed.calls, resumed.history) == (2, [1, 2])
+    one_round(resumed, 3)
+    assert (resumed.calls, resumed.history) == (3, [1, 2, 3])
+    # Configuration is the scenario's, not the checkpoint's: it is not saved.
+    assert "fraction_train" not in strategy_state(resumed)

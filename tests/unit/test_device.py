@@ -14,7 +14,6 @@ from fedtune.data.population import chunk_tokens
 from fedtune.data.sources import load_shakespeare
 from fedtune.engines import seeds
 from fedtune.engines.backprop import BackpropEngine
-from fedtune.engines.base import EngineConfig
 from fedtune.ondevice.artifacts import build_artifacts
 from fedtune.ondevice.engines import (
     batch_order,
@@ -25,7 +24,7 @@ from fedtune.ondevice.engines import (
 )
 from fedtune.ondevice.proto import device_pb2 as pb
 
-from ..conftest import ROOT
+from ..conftest import ROOT, engine_config
 
 LORA = LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj"))
 
@@ -101,7 +100,7 @@ def test_ort_and_torch_updates_agree(setup):
     model, start, chunks, paths, specs = setup
     steps, batch, lr = 3, 4, 1e-2  # one batch holds every chunk: same data whatever the order
     torch_update = BackpropEngine().train(
-        model, chunks, EngineConfig(lr=lr, local_steps=steps, batch_size=batch, seed=0)
+        model, chunks, engine_config("backprop", lr=lr, local_steps=steps, batch_size=batch, seed=0)
     )
     ort = train_backprop(
         paths,

@@ -3,9 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtune.engines import EngineConfig, get_engine, sample_batches
+from fedtune.engines import get_engine, sample_batches
 from fedtune.errors import ConfigError
 from fedtune.models import adapter_state, load_adapter_state
+
+from ..conftest import engine_config
 
 
 def test_sample_batches_is_seeded_and_covers_chunks():
@@ -28,7 +30,7 @@ def test_backprop_lowers_loss_and_only_trains_lora(tiny_peft, tokenizer):
     frozen = {n: p.clone() for n, p in tiny_peft.named_parameters() if "lora_" not in n}
     start = adapter_state(tiny_peft)
     update = get_engine("backprop").train(
-        tiny_peft, chunks, EngineConfig(lr=1e-2, local_steps=8, batch_size=2, seed=0)
+        tiny_peft, chunks, engine_config("backprop", lr=1e-2, local_steps=8, batch_size=2, seed=0)
     )
     assert update.metrics["loss-last"] < update.metrics["loss-first"]
     assert update.num_examples == 16
@@ -44,7 +46,7 @@ def test_backprop_is_deterministic(tiny_peft, tokenizer):
 
     chunks = chunk_tokens(tokenizer, "Words, words, words. " * 80, 32)
     start = adapter_state(tiny_peft)
-    cfg = EngineConfig(lr=1e-2, local_steps=3, batch_size=2, seed=5)
+    cfg = engine_config("backprop", lr=1e-2, local_steps=3, batch_size=2, seed=5)
     first = get_engine("backprop").train(tiny_peft, chunks, cfg)
     load_adapter_state(tiny_peft, start)
     second = get_engine("backprop").train(tiny_peft, chunks, cfg)
@@ -58,8 +60,14 @@ def test_backprop_trains_only_the_factor_asked_for(tiny_peft, tokenizer, train_o
 
     chunks = chunk_tokens(tokenizer, "Words, words, words. " * 80, 32)
     sent = adapter_state(tiny_peft)
-    config = EngineConfig(
-        lr=1e-2, local_steps=3, batch_size=2, seed=1, weight_decay=0.1, train_only=train_only
+    config = engine_config(
+        "backprop",
+        lr=1e-2,
+        local_steps=3,
+        batch_size=2,
+        seed=1,
+        weight_decay=0.1,
+        train_only=train_only,
     )
     update = get_engine("backprop").train(tiny_peft, chunks, config)
     assert any(frozen in k for k in sent)
@@ -73,4 +81,4 @@ def test_backprop_trains_only_the_factor_asked_for(tiny_peft, tokenizer, train_o
 
 def test_bad_train_only_is_refused():
     with pytest.raises(ConfigError, match="lora-train must be one of all, A, B, got 'b'"):
-        EngineConfig(lr=1e-2, local_steps=1, batch_size=1, train_only="b")
+        engine_config("backprop", lr=1e-2, local_steps=1, batch_size=1, train_only="b")

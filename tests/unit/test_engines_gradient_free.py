@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedtune.config import LoraConfig
-from fedtune.engines import EngineConfig, get_engine
+from fedtune.engines import get_engine
 from fedtune.engines.forward import check_forward_ad, directional_derivative
 from fedtune.engines.seeds import (
     aggregate_steps,
@@ -22,6 +22,8 @@ from fedtune.engines.seeds import (
 )
 from fedtune.errors import ConfigError
 from fedtune.models import adapter_state, attach_lora, load_adapter_state, load_base_model
+
+from ..conftest import engine_config
 
 LORA = LoraConfig(r=4, alpha=8, targets=("q_proj", "v_proj"))
 
@@ -92,8 +94,8 @@ def test_replaying_the_seed_steps_rebuilds_the_zeroth_adapter_bit_for_bit(
 ):
     model = attach_lora(load_base_model("tiny-llama", dtype), LORA, seed=0)
     start = adapter_state(model)
-    config = EngineConfig(
-        lr=1e-2, local_steps=6, batch_size=2, seed=3, run_seed=11, train_only=train_only
+    config = engine_config(
+        "zeroth", lr=1e-2, local_steps=6, batch_size=2, seed=3, run_seed=11, train_only=train_only
     )
     update = get_engine("zeroth").train(model, chunks, config)
     assert update.seed_steps is not None and len(update.seed_steps) == 6
@@ -110,7 +112,7 @@ def test_replaying_the_seed_steps_rebuilds_the_zeroth_adapter_bit_for_bit(
 
 def test_zeroth_proximal_term_enters_the_scalars_and_still_replays(tiny_peft, chunks):
     start = adapter_state(tiny_peft)
-    plain = EngineConfig(lr=3e-2, local_steps=3, batch_size=2, seed=2)
+    plain = engine_config("zeroth", lr=3e-2, local_steps=3, batch_size=2, seed=2)
     first = get_engine("zeroth").train(tiny_peft, chunks, plain)
     load_adapter_state(tiny_peft, start)
     proximal = dataclasses.replace(plain, proximal_mu=10.0)
@@ -148,8 +150,14 @@ def test_jvp_matches_backprop_gradient_along_the_direction(tiny_peft, chunks):
 )
 def test_gradient_free_engines_lower_the_loss(tiny_peft, chunks, engine, settings):
     before = _loss(tiny_peft, chunks)
-    config = EngineConfig(
-        lr=3e-2, local_steps=8, batch_size=2, perturbations=2, max_perturbations=2, **settings
+    config = engine_config(
+        engine,
+        lr=3e-2,
+        local_steps=8,
+        batch_size=2,
+        perturbations=2,
+        max_perturbations=2,
+        **settings,
     )
     update = get_engine(engine).train(tiny_peft, chunks, config)
     after = _loss(tiny_peft, chunks)
@@ -160,8 +168,8 @@ def test_gradient_free_engines_lower_the_loss(tiny_peft, chunks, engine, setting
 @pytest.mark.parametrize("engine", ["zeroth", "forward"])
 def test_same_seed_same_update(tiny_peft, chunks, engine):
     start = adapter_state(tiny_peft)
-    config = EngineConfig(
-        lr=1e-2, local_steps=2, batch_size=2, seed=5, perturbations=2, max_perturbations=2
+    config = engine_config(
+        engine, lr=1e-2, local_steps=2, batch_size=2, seed=5, perturbations=2, max_perturbations=2
     )
     first = get_engine(engine).train(tiny_peft, chunks, config)
     load_adapter_state(tiny_peft, start)
@@ -176,11 +184,15 @@ def test_same_seed_same_update(tiny_peft, chunks, engine):
 def test_forward_variance_control_adds_directions_up_to_the_cap(tiny_peft, chunks):
     base = {"lr": 1e-3, "local_steps": 1, "batch_size": 2, "perturbations": 2}
     fixed = get_engine("forward").train(
-        tiny_peft, chunks, EngineConfig(**base, max_perturbations=5, variance_threshold=1e9)
+        tiny_peft,
+        chunks,
+        engine_config("forward", **base, max_perturbations=5, variance_threshold=1e9),
     )
     assert fixed.metrics["perturbations-per-step"] == 2
     capped = get_engine("forward").train(
-        tiny_peft, chunks, EngineConfig(**base, max_perturbations=5, variance_threshold=0.0)
+        tiny_peft,
+        chunks,
+        engine_config("forward", **base, max_perturbations=5, variance_threshold=0.0),
     )
     assert capped.metrics["perturbations-per-step"] == 5
     assert capped.metrics["forward-passes"] == 5
@@ -190,8 +202,14 @@ def test_forward_variance_control_adds_directions_up_to_the_cap(tiny_peft, chunk
 @pytest.mark.parametrize("engine", ["zeroth", "forward"])
 def test_train_only_leaves_the_other_factor_bit_for_bit(tiny_peft, chunks, engine):
     start = adapter_state(tiny_peft)
-    config = EngineConfig(
-        lr=1e-2, local_steps=2, batch_size=2, train_only="B", perturbations=2, max_perturbations=2
+    config = engine_config(
+        engine,
+        lr=1e-2,
+        local_steps=2,
+        batch_size=2,
+        train_only="B",
+        perturbations=2,
+        max_perturbations=2,
     )
     update = get_engine(engine).train(tiny_peft, chunks, config)
     for key in start:
@@ -204,14 +222,15 @@ def test_forward_mode_on_an_unsupported_quantized_base_is_an_error(chunks, quant
     pytest.importorskip({"nf4": "bitsandbytes", "int4": "hqq"}[quantization])
     model = attach_lora(load_base_model("tiny-llama", quantization=quantization), LORA, seed=0)
     start = adapter_state(model)
-    config = EngineConfig(lr=1e-2, local_steps=1, batch_size=2, perturbations=1)
+    config = engine_config("forward", lr=1e-2, local_steps=1, batch_size=2, perturbations=1)
     with pytest.raises(ConfigError, match=f"engine 'forward' does not work with .*{layer}"):
         get_engine("forward").train(model, chunks, config)
     assert all(torch.equal(start[k], v) for k, v in adapter_state(model).items())
     # Forward passes alone work on it: finite differences, and the zeroth engine.
     fd = dataclasses.replace(config, forward_derivative="fd", max_perturbations=1)
     assert get_engine("forward").train(model, chunks, fd).loss > 0
-    assert get_engine("zeroth").train(model, chunks, config).loss > 0
+    zeroth = engine_config("zeroth", lr=1e-2, local_steps=1, batch_size=2)
+    assert get_engine("zeroth").train(model, chunks, zeroth).loss > 0
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -222,7 +241,7 @@ def test_forward_mode_passes_through_torchao_int8(dtype):
 
 
 def test_zeroth_refuses_weight_decay(tiny_peft, chunks):
-    config = EngineConfig(lr=1e-2, local_steps=1, batch_size=2, weight_decay=0.1)
+    config = engine_config("zeroth", lr=1e-2, local_steps=1, batch_size=2, weight_decay=0.1)
     with pytest.raises(ConfigError, match="engine 'zeroth' applies no weight decay"):
         get_engine("zeroth").train(tiny_peft, chunks, config)
 
@@ -240,4 +259,10 @@ def test_zeroth_refuses_weight_decay(tiny_peft, chunks):
 )
 def test_bad_gradient_free_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
-        EngineConfig(lr=1e-2, local_steps=1, batch_size=1, **settings)
+        engine_config(
+            "zeroth" if "num_seeds" in settings else "forward",
+            lr=1e-2,
+            local_steps=1,
+            batch_size=1,
+            **settings,
+        )

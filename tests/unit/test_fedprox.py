@@ -7,12 +7,14 @@ import torch
 from flwr.app import ConfigRecord
 
 from fedtune.config import client_spec, load_scenario, scenario_from_client_spec
-from fedtune.engines import EngineConfig, get_engine
+from fedtune.engines import get_engine
 from fedtune.errors import ConfigError
 from fedtune.models import adapter_state, load_adapter_state
+from fedtune.protocol import CONFIG_KEY
 from fedtune.strategies import build_strategy
-from fedtune.wire import CONFIG_KEY, to_record
+from fedtune.wire import to_record
 
+from ..conftest import engine_config
 from .node_grid import NodeListGrid, task_identity
 
 
@@ -45,7 +47,9 @@ def test_proximal_term_keeps_the_adapter_near_the_global(tiny_peft, tokenizer):
 
     def train(mu: float):
         load_adapter_state(tiny_peft, start)
-        config = EngineConfig(lr=1e-2, local_steps=8, batch_size=2, seed=0, proximal_mu=mu)
+        config = engine_config(
+            "backprop", lr=1e-2, local_steps=8, batch_size=2, seed=0, proximal_mu=mu
+        )
         update = get_engine("backprop").train(tiny_peft, chunks, config)
         moved = sum(((update.state[k] - start[k]) ** 2).sum() for k in start) ** 0.5
         return update, float(moved)
@@ -61,4 +65,4 @@ def test_proximal_term_keeps_the_adapter_near_the_global(tiny_peft, tokenizer):
 @pytest.mark.parametrize("mu", [-0.1, float("nan")])
 def test_bad_mu_is_refused(mu):
     with pytest.raises(ConfigError, match="proximal-mu must be >= 0"):
-        EngineConfig(lr=1e-2, local_steps=1, batch_size=1, proximal_mu=mu)
+        engine_config("backprop", lr=1e-2, local_steps=1, batch_size=1, proximal_mu=mu)

@@ -23,16 +23,10 @@ from fedtune.ondevice.artifacts import build_artifacts
 from fedtune.ondevice.engines import chunk_text, train_zeroth
 from fedtune.ondevice.proto import device_pb2 as pb
 from fedtune.ondevice.proto.tensors import from_bundle, to_bundle
+from fedtune.protocol import ARRAYS_KEY, CONFIG_KEY
 from fedtune.server.gateway import Gateway, GatewaySettings
 from fedtune.server.grid import DeviceGrid, GatewayGrid
-from fedtune.wire import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    check_seed_reply,
-    check_update,
-    expected_specs,
-    to_record,
-)
+from fedtune.wire import check_seed_reply, check_update, expected_specs, to_record
 
 from .node_grid import NodeListGrid, task_identity
 
@@ -142,7 +136,7 @@ def test_phones_are_nodes_of_the_device_grid_and_train(gateway, tmp_path, adapte
         task = phone.check_in().task
         assert task.round == 1 and task.config.engine == "backprop"
         assert phone.run_task(task, text).accepted
-    replies = {r.metadata.reply_to_message_id: r for r in grid.pull_messages(ids)}
+    replies = dict(grid.pull_replies(ids))
     assert set(replies) == set(ids)
     for reply in replies.values():
         state, reason = check_update(reply, expected_specs(adapter), 1 << 24)
@@ -169,7 +163,7 @@ def test_a_zeroth_phone_uploads_seed_steps_that_replay_to_its_adapter(
     result = train_zeroth(paths, start, list(task.adapter), chunks, task.config)
     metrics = pb.UpdateMetrics(num_examples=result.num_examples, loss=result.losses[0])
     assert phone.submit(task, {}, metrics, steps=result.steps).accepted
-    (reply,) = gateway.pull([message_id])
+    ((_, reply),) = gateway.pull([message_id])
     steps, reason = check_seed_reply(reply, 64, 2)
     assert reason is None and steps == result.steps
     lr = message.content.config_records[CONFIG_KEY]["client.lr"]
@@ -182,7 +176,8 @@ def test_seed_catch_up_is_replayed_by_the_gateway_and_checked(gateway, tmp_path,
     import torch
 
     from fedtune.engines.seeds import adapter_digest
-    from fedtune.wire import CATCH_UP_KEY, DIGEST_KEY, SEEDS_KEY, VERSION_KEY, seeds_to_record
+    from fedtune.protocol import CATCH_UP_KEY, DIGEST_KEY, SEEDS_KEY, VERSION_KEY
+    from fedtune.wire import seeds_to_record
 
     (phone,) = enrolled(gateway, tmp_path)
     node = node_of(gateway, phone)
@@ -202,7 +197,7 @@ def test_seed_catch_up_is_replayed_by_the_gateway_and_checked(gateway, tmp_path,
         return gateway.push(message)
 
     refused = catch_up("not-the-digest")
-    (reply,) = gateway.pull([refused])
+    ((_, reply),) = gateway.pull([refused])
     assert reply.has_error() and "differs from the server's" in reply.error.reason
     catch_up(adapter_digest(current))
     task = phone.check_in().task
@@ -250,14 +245,14 @@ def test_a_bad_update_is_rejected_with_a_reason_and_others_go_on(
         bad.submit(bad_task, arrays, pb.UpdateMetrics(num_examples=4, loss=1.0))
     assert status_and_code(excinfo) == (grpc.StatusCode.INVALID_ARGUMENT, pb.BAD_UPDATE)
     assert reason in str(excinfo.value)
-    (rejected,) = gateway.pull([ids["bad"]])
+    ((_, rejected),) = gateway.pull([ids["bad"]])
     state, why = check_update(rejected, expected_specs(adapter), 1 << 24)
     assert state is None and reason in why
 
     fine = {k: v.numpy() for k, v in adapter.items()}
     answer = good.submit(good.check_in().task, fine, pb.UpdateMetrics(num_examples=4, loss=1.0))
     assert answer.accepted
-    (accepted,) = gateway.pull([ids["good"]])
+    ((_, accepted),) = gateway.pull([ids["good"]])
     assert check_update(accepted, expected_specs(adapter), 1 << 24)[1] is None
 
 
@@ -427,7 +422,7 @@ def test_a_newer_task_supersedes_and_old_ones_are_forgotten(gateway, tmp_path, a
     for rnd in (2, 3):
         gateway.push(train_message(node, adapter, rnd))
     assert phone.check_in().task.round == 3
-    assert len(gateway._tasks) == 2  # the current task and the one before it
+    assert len(gateway.tasks.by_id) == 2  # the current task and the one before it
     arrays = {k: v.numpy() for k, v in adapter.items()}
     with pytest.raises(DeviceError) as excinfo:  # round 1's task is gone
         phone.submit(old, arrays, pb.UpdateMetrics(num_examples=1, loss=1.0))
@@ -441,7 +436,7 @@ def test_dynamic_int8_artifacts_serve_zeroth_and_refuse_backprop(tmp_path, adapt
         (phone,) = enrolled(gateway, tmp_path)
         node = node_of(gateway, phone)
         refused = gateway.push(train_message(node, adapter, 1))  # backprop: no artifacts
-        (reply,) = gateway.pull([refused])
+        ((_, reply),) = gateway.pull([refused])
         assert reply.has_error() and "artifact_int8 = 'dynamic'" in reply.error.reason
         gateway.push(train_message(node, adapter, 1, "client.engine=zeroth"))
         task = phone.check_in().task

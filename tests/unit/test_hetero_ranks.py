@@ -4,22 +4,26 @@ merge of a global adapter into its base weights."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtune.config import LoraConfig, load_scenario
+from fedtune.checks import check_federation
+from fedtune.config import LoraConfig, StrategyConfig, load_scenario
 from fedtune.errors import ConfigError, StrategyError
 from fedtune.models import adapter_state, attach_lora, load_adapter_state, load_base_model
 from fedtune.models.lora import merged_into_base, reset_adapter
+from fedtune.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RANK_KEY, WEIGHT_KEY, traits_of
 from fedtune.server.fleet import Fleet
-from fedtune.server.loop import aggregate_in_client_order, with_rank
+from fedtune.server.loop import aggregate_in_client_order
+from fedtune.server.round import assign
 from fedtune.strategies import build_strategy
 from fedtune.strategies.lora_math import pad, product_norm, rank_of, refactor, stack, truncate
-from fedtune.strategies.ranks import RANK_KEY, require_mixed_ranks
-from fedtune.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, from_record, to_record
+from fedtune.wire import from_record, to_record
 
-from .node_grid import NodeListGrid, task_identity
+from .node_grid import NodeListGrid, federation, task_identity
 
 A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 A2, B2 = "m.v_proj.lora_A.weight", "m.v_proj.lora_B.weight"
@@ -121,7 +125,7 @@ def one_round(name: str, sent: Adapter, replies: list[tuple[Adapter, int]], **pa
 def test_flora_adds_the_stacked_client_updates_to_the_global_one():
     sent, low, high = adapter(4, 0), adapter(1, 1), adapter(2, 2)
     strategy, messages, out = one_round("flora", sent, [(low, 1), (high, 3)])
-    assert all(m.content.config_records[CONFIG_KEY]["lora-fresh"] for m in messages)
+    assert traits_of(strategy).fresh_adapter  # clients merge the global adapter, train afresh
     assert rank_of(out) == 4
     # rank(global + updates) <= 4 + 1 + 2 > 4: the re-factorisation is the best rank 4
     expected = [
@@ -206,11 +210,16 @@ def test_a_strategy_that_cannot_mix_ranks_is_refused_by_name(tmp_path):
     r = scenario.lora.r
     assert fleet.mixed_ranks(r) == {"small": 2}
     strategy = build_strategy("fedavg", {}, population=40, clients_per_round=2)
-    with pytest.raises(StrategyError, match=r"'fedavg' cannot .* small \(rank 2\)"):
-        require_mixed_ranks(strategy, "fedavg", fleet.mixed_ranks(r), r)
+    with pytest.raises(ConfigError, match=r"'fedavg' cannot .* small \(rank 2\)"):
+        check_federation(scenario, traits_of(strategy), 40, fleet.mixed_ranks(r))
     for name in ("flora", "hetlora", "flexlora"):
         ok = build_strategy(name, {}, population=40, clients_per_round=2)
-        require_mixed_ranks(ok, name, fleet.mixed_ranks(r), r)
+        check_federation(
+            replace(scenario, strategy=StrategyConfig(name)),
+            traits_of(ok),
+            40,
+            fleet.mixed_ranks(r),
+        )
     off = Fleet.from_scenario(fleet_scenario(tmp_path, "fedavg", (2, 0), tier_ranks=False), 40)
     assert off.mixed_ranks(r) == {}
 
@@ -221,23 +230,27 @@ def test_a_tier_rank_above_the_global_rank_is_a_config_error(tmp_path):
         Fleet.from_scenario(scenario, 40)
 
 
-def test_with_rank_gives_one_client_its_download_and_rank():
+def test_assign_gives_a_client_of_a_smaller_tier_its_download_and_rank(tmp_path):
     sent = adapter(4, 0)
-    strategy = build_strategy("hetlora", {}, population=4, clients_per_round=2)
-    messages = list(
-        strategy.configure_train(
-            1, to_record(sent), ConfigRecord({"round": 1}), NodeListGrid([7, 8])
-        )
-    )
-    small = with_rank(messages[0], strategy, 2)
-    assert small.metadata.dst_node_id == messages[0].metadata.dst_node_id
-    assert small.metadata.message_type == MessageType.TRAIN
-    assert small.content.config_records[CONFIG_KEY][RANK_KEY] == 2
-    assert small.content.config_records[CONFIG_KEY]["round"] == 1
-    assert rank_of(from_record(small.content.array_records[ARRAYS_KEY])) == 2
-    # The other messages (which share one content) are untouched.
-    assert RANK_KEY not in messages[1].content.config_records[CONFIG_KEY]
-    assert rank_of(from_record(messages[1].content.array_records[ARRAYS_KEY])) == 4
+    scenario = replace(fleet_scenario(tmp_path, "hetlora", (2, 0)), lora=LoraConfig(r=4))
+    fleet = Fleet.from_scenario(scenario, 40)
+    small = fleet.client_tier.index("small")
+    large = next(c for c, tier in enumerate(fleet.client_tier) if tier != "small")
+    strategy = build_strategy("hetlora", {}, population=40, clients_per_round=2)
+    fed = federation(strategy, scenario, {7: small, 8: large}, fleet=fleet, adapter=sent)
+    messages = list(strategy.configure_train(1, to_record(sent), ConfigRecord({}), fed.grid))
+    first, second = assign(fed, 1, messages, sent)
+    assert (first.client, first.rank, second.client, second.rank) == (small, 2, large, 4)
+    assert first.message.metadata.dst_node_id == 7
+    assert first.message.metadata.message_type == MessageType.TRAIN
+    config = first.message.content.config_records[CONFIG_KEY]
+    assert config[RANK_KEY] == 2 and config["round"] == 1
+    assert rank_of(from_record(first.message.content.array_records[ARRAYS_KEY])) == 2
+    # The global rank goes without a rank instruction, with the whole adapter.
+    assert RANK_KEY not in second.message.content.config_records[CONFIG_KEY]
+    assert rank_of(from_record(second.message.content.array_records[ARRAYS_KEY])) == 4
+    # The strategy's own messages (which share one content) are untouched.
+    assert rank_of(from_record(messages[0].content.array_records[ARRAYS_KEY])) == 4
 
 
 # --- the client side ------------------------------------------------------------------

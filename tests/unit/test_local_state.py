@@ -14,12 +14,15 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from fedtune.clients.app import train as train_handler
 from fedtune.clients.local_state import STATE_KEY, keep_local, restore_local
 from fedtune.config import client_spec, load_scenario
-from fedtune.engines import EngineConfig, get_engine
+from fedtune.engines import get_engine
 from fedtune.errors import ConfigError
 from fedtune.models import adapter_state, load_adapter_state
+from fedtune.protocol import ARRAYS_KEY, TrainInstructions, traits_of
+from fedtune.server.round import addressed, with_traits
 from fedtune.strategies import build_strategy
-from fedtune.wire import ARRAYS_KEY, from_record, to_record
+from fedtune.wire import from_record, to_record
 
+from ..conftest import engine_config
 from .node_grid import NodeListGrid, task_identity
 
 
@@ -62,7 +65,10 @@ def test_kept_b_replaces_the_received_b_in_later_rounds(tiny_peft, tokenizer):
 
     context = node_context()
     chunks = chunk_tokens(tokenizer, "To be, or not to be: that is the question.\n" * 40, 32)
-    engine, config = get_engine("backprop"), EngineConfig(lr=1e-2, local_steps=2, batch_size=2)
+    engine, config = (
+        get_engine("backprop"),
+        engine_config("backprop", lr=1e-2, local_steps=2, batch_size=2),
+    )
 
     first = shifted(adapter_state(tiny_peft), 1)
     load_adapter_state(tiny_peft, restore_local(context, first, "B"))
@@ -100,8 +106,11 @@ def messages(name: str, rnd: int, adapter: dict[str, torch.Tensor], lr: float) -
     scenario = load_scenario("tiny", [f"client.lr={lr}"])
     strategy = build_strategy(name, {}, population=1, clients_per_round=1)
     config = ConfigRecord({**client_spec(scenario), "round": rnd})
+    traits = traits_of(strategy)
     with task_identity():
-        return list(strategy.configure_train(rnd, to_record(adapter), config, NodeListGrid([7])))
+        sampled = strategy.configure_train(rnd, to_record(adapter), config, NodeListGrid([7]))
+        # What the loop's assign step adds for every client: the strategy's traits.
+        return [addressed(m, with_traits(TrainInstructions.of(m), traits)) for m in sampled]
 
 
 def handler_round(name: str, rnd: int, adapter, context, lr: float) -> dict[str, torch.Tensor]:

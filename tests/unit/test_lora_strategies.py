@@ -7,10 +7,11 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtune.checkpoint import restore_strategy_state, strategy_state
+from fedtune.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, traits_of
 from fedtune.server.loop import aggregate_in_client_order
 from fedtune.strategies import build_strategy
 from fedtune.strategies.ffa_lora import FfaLora
-from fedtune.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, from_record, to_record
+from fedtune.wire import from_record, to_record
 
 from .node_grid import NodeListGrid, task_identity
 
@@ -52,7 +53,7 @@ def one_round(name: str, strategy=None):
 def test_ffa_lora_asks_clients_to_train_only_b():
     _, sent, _ = one_round("ffa-lora")
     assert len(sent) == 2
-    assert all(m.content.config_records[CONFIG_KEY]["lora-train"] == "B" for m in sent)
+    assert traits_of(build_strategy("ffa-lora", {}, 4, 2)).trains == "B"
 
 
 def test_ffa_lora_averages_b_and_returns_a_as_sent():
@@ -80,8 +81,9 @@ def test_ffa_lora_without_a_configured_round_or_replies_gives_nothing():
 
 def test_fedsa_lora_asks_clients_to_keep_b():
     _, sent, _ = one_round("fedsa-lora")
-    assert all(m.content.config_records[CONFIG_KEY]["lora-local"] == "B" for m in sent)
-    assert all("lora-train" not in m.content.config_records[CONFIG_KEY] for m in sent)
+    traits = traits_of(build_strategy("fedsa-lora", {}, 4, 2))
+    assert traits.keeps_local == "B" and traits.trains == "all"
+    assert not traits.replays_on_sent  # so zeroth clients are refused before round 1
 
 
 def test_fedsa_lora_averages_a_and_returns_the_average_b_for_evaluation():

@@ -15,6 +15,7 @@ from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune.checkpoint import restore_strategy_state, strategy_state
+from fedtune.checks import check_federation
 from fedtune.config import load_scenario
 from fedtune.errors import ConfigError
 from fedtune.privacy.accounting import Accountant
@@ -26,11 +27,21 @@ from fedtune.privacy.clipping import (
     privatize_seed_steps,
     secret_generator,
 )
-from fedtune.privacy.mod import CLIP_KEY, NOISE_KEY, privacy_mod
-from fedtune.privacy.strategy import AdaptiveClipping, PrivateAggregation, wrap_private
+from fedtune.privacy.mod import privacy_mod
+from fedtune.protocol import (
+    ARRAYS_KEY,
+    CLIP_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NOISE_KEY,
+    TRAIN_KEY,
+    WEIGHT_KEY,
+    traits_of,
+)
 from fedtune.strategies import build_strategy
 from fedtune.strategies.ffa_lora import FfaLora
-from fedtune.wire import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, WEIGHT_KEY, from_record, to_record
+from fedtune.strategies.private import AdaptiveClipping, PrivateAggregation, wrap_private
+from fedtune.wire import from_record, to_record
 
 from .node_grid import NodeListGrid, task_identity
 
@@ -180,7 +191,7 @@ def test_ffa_lora_under_central_dp_keeps_a_exactly_and_noises_only_b():
     inner = build_strategy("ffa-lora", {}, population=6, clients_per_round=6)
     assert isinstance(inner, FfaLora)
     messages, out = one_round(central(inner, noise_multiplier=5.0))
-    assert messages[0].content.config_records[CONFIG_KEY]["lora-train"] == "B"
+    assert traits_of(inner).trains == "B"  # the wrapper keeps only B's noise
     assert torch.equal(out[A], SENT[A])
     assert not torch.equal(out[B], SENT[B])
 
@@ -237,7 +248,7 @@ def train(message: Message, context: Context) -> Message:
 
 @pytest.mark.parametrize("train_only", ["all", "B"])
 def test_local_mode_releases_a_clipped_update_of_the_trained_factors(train_only):
-    config = {CLIP_KEY: 0.5, NOISE_KEY: 0.0, "lora-train": train_only, "client.wire_dtype": "fp32"}
+    config = {CLIP_KEY: 0.5, NOISE_KEY: 0.0, TRAIN_KEY: train_only, "client.wire_dtype": "fp32"}
     message = Message(
         RecordDict({ARRAYS_KEY: to_record(SENT), CONFIG_KEY: ConfigRecord(config)}),
         dst_node_id=12,
@@ -299,7 +310,7 @@ def test_settings_that_contradict_another_section_are_refused(overrides, key):
     scenario = load_scenario("tiny", ['privacy.mode="central"', *overrides])
     strategy = build_strategy(scenario.strategy.name, {}, population=6, clients_per_round=3)
     with pytest.raises(ConfigError, match=key):
-        wrap_private(strategy, scenario, population=6)
+        check_federation(scenario, traits_of(strategy), population=6, mixed_ranks={})
 
 
 def test_no_privacy_section_wraps_nothing():

@@ -16,8 +16,9 @@ from flwr.serverapp.strategy import FedAvg
 from fedtune.privacy.clipping import clip
 from fedtune.privacy.mod import privacy_mod
 from fedtune.privacy.secagg import ACTION, MODULUS, RECORD, handle_stage
-from fedtune.privacy.strategy import PrivateAggregation, SecureAggregation
-from fedtune.wire import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, from_record, to_record
+from fedtune.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+from fedtune.strategies.private import PrivateAggregation, SecureAggregation
+from fedtune.wire import from_record, to_record
 
 from .node_grid import NodeListGrid, task_identity
 

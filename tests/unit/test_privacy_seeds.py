@@ -13,17 +13,17 @@ from fedtune.config import load_scenario
 from fedtune.engines.seeds import replay, seed_pool
 from fedtune.errors import ConfigError
 from fedtune.privacy.clipping import l2_norm
-from fedtune.privacy.mod import CLIP_KEY, NOISE_KEY, privacy_mod
-from fedtune.wire import (
+from fedtune.privacy.mod import privacy_mod
+from fedtune.protocol import (
     ARRAYS_KEY,
+    CLIP_KEY,
     CONFIG_KEY,
     METRICS_KEY,
+    NOISE_KEY,
     SEEDS_KEY,
     WEIGHT_KEY,
-    seeds_from_record,
-    seeds_to_record,
-    to_record,
 )
+from fedtune.wire import seeds_from_record, seeds_to_record, to_record
 
 from .node_grid import task_identity
 

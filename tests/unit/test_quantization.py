@@ -19,7 +19,7 @@ from fedtune.config import (
     load_scenario,
     scenario_from_client_spec,
 )
-from fedtune.engines import EngineConfig, Update, get_engine
+from fedtune.engines import Update, get_engine
 from fedtune.errors import ConfigError, ModelError
 from fedtune.evaluation import perplexity
 from fedtune.models import (
@@ -30,6 +30,8 @@ from fedtune.models import (
     quantize_base,
     save_adapter,
 )
+
+from ..conftest import engine_config
 
 BACKENDS = ("int8", "nf4", "int4")
 DTYPES = ("fp32", "bf16")
@@ -79,7 +81,7 @@ def trained(quantization: str, compute_dtype: str) -> tuple[Any, Update, dict[st
     # An evaluation before training, as a client that evaluates would do (it once
     # broke training on the bitsandbytes base: see quantization._nf4).
     perplexity(model, chunks())
-    config = EngineConfig(lr=1e-2, local_steps=8, batch_size=2, seed=0)
+    config = engine_config("backprop", lr=1e-2, local_steps=8, batch_size=2, seed=0)
     return model, get_engine("backprop").train(model, chunks(), config), shapes
 
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedtune.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
 from fedtune.server.loop import aggregate_in_client_order
 from fedtune.strategies import build_strategy
-from fedtune.wire import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, from_record, to_record
+from fedtune.wire import from_record, to_record
 
 from .node_grid import NodeListGrid, task_identity
 

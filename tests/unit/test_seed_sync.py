@@ -18,13 +18,10 @@ from flwr.app import (
 )
 
 from fedtune.clients.seed_history import catch_up, keep_global
-from fedtune.engines import EngineConfig
+from fedtune.config import load_scenario
 from fedtune.engines.seeds import adapter_digest, aggregate_steps, replay, seed_pool
 from fedtune.errors import ConfigError, DataError
-from fedtune.server.loop import seeded_global_random
-from fedtune.server.seed_sync import SeedSync
-from fedtune.strategies import build_strategy
-from fedtune.wire import (
+from fedtune.protocol import (
     ARRAYS_KEY,
     CATCH_UP_KEY,
     CONFIG_KEY,
@@ -34,6 +31,13 @@ from fedtune.wire import (
     SEEDS_KEY,
     VERSION_KEY,
     WEIGHT_KEY,
+    TrainInstructions,
+)
+from fedtune.server.loop import seeded_global_random
+from fedtune.server.round import addressed, assign
+from fedtune.server.seed_sync import SeedSync
+from fedtune.strategies import build_strategy
+from fedtune.wire import (
     check_seed_reply,
     from_record,
     recorddict_nbytes,
@@ -41,7 +45,8 @@ from fedtune.wire import (
     to_record,
 )
 
-from .node_grid import NodeListGrid, task_identity
+from ..conftest import engine_config
+from .node_grid import NodeListGrid, federation, task_identity
 
 K, LR, STEPS = 64, 0.01, 4
 POOL = seed_pool(0, K)
@@ -124,28 +129,44 @@ class History:
         self.seed_history = history
 
 
+def offered(sync: SeedSync, state, history) -> Message:
+    """A zeroth client's message as the loop's assign step makes it (client 5)."""
+    message = train_message(SPEC)
+    content = RecordDict(dict(message.content.items()))
+    asked = TrainInstructions.of(message).but(engine="zeroth")
+    return addressed(message, sync.offer(asked, content, 5, state, history), content)
+
+
 def test_the_server_sends_the_steps_since_the_version_a_client_holds():
     sync = SeedSync(0, K, LR, STEPS)
     history = [[(1, 0.5), (2, -0.5)], [(7, 1.0)]]
     state = replay(ADAPTER, [s for h in history for s in h], POOL, LR)
     # A client never heard from gets the adapter, told its version.
-    first = sync.send(train_message(SPEC), 5, "zeroth", state, History(history))
+    first = offered(sync, state, history)
     config = first.content.config_records[CONFIG_KEY]
     assert (
         ARRAYS_KEY in first.content and config[VERSION_KEY] == 2 and config[ENGINE_KEY] == "zeroth"
     )
     # Once it replied to version 1, it gets version 2's steps and the digest instead.
     sync.held[5] = 1
-    second = sync.send(train_message(SPEC), 5, "zeroth", state, History(history))
+    second = offered(sync, state, history)
     config = second.content.config_records[CONFIG_KEY]
     assert ARRAYS_KEY not in second.content and config[CATCH_UP_KEY] == 1
     assert config[DIGEST_KEY] == adapter_digest(state)
     assert recorddict_nbytes(second.content) < recorddict_nbytes(first.content)
-    # A backprop client, or a strategy without a history, always gets the adapter.
-    assert (
-        ARRAYS_KEY in sync.send(train_message(SPEC), 5, "backprop", state, History(history)).content
-    )
-    assert ARRAYS_KEY in sync.send(train_message(SPEC), 5, "zeroth", state, object()).content
+
+
+@pytest.mark.parametrize(("engine", "strategy"), [("backprop", "fedavg"), ("zeroth", "fedavg")])
+def test_the_adapter_goes_whole_without_a_seed_history(engine, strategy):
+    """A backprop client, or a strategy that keeps no seed steps: the adapter, unversioned."""
+    scenario = load_scenario("tiny", [f"client.engine={engine}"])
+    fed = federation(build_strategy(strategy, {}, 2, 1), scenario, {1: 0, 2: 1}, adapter=ADAPTER)
+    fed.seeds.held[0] = 0
+    with task_identity():
+        (sent,) = assign(fed, 1, [train_message(SPEC)], ADAPTER)
+    config = sent.message.content.config_records[CONFIG_KEY]
+    assert ARRAYS_KEY in sent.message.content and VERSION_KEY not in config
+    assert config[ENGINE_KEY] == engine
 
 
 def test_the_client_rebuilds_the_global_adapter_bit_for_bit_or_refuses():
@@ -153,23 +174,25 @@ def test_the_client_rebuilds_the_global_adapter_bit_for_bit_or_refuses():
     version_1 = replay(ADAPTER, history[0], POOL, LR)
     version_2 = replay(version_1, history[1], POOL, LR)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    settings = EngineConfig(lr=LR, local_steps=STEPS, batch_size=1, num_seeds=K, run_seed=0)
-    config = ConfigRecord({CATCH_UP_KEY: 1, DIGEST_KEY: adapter_digest(version_2)})
+    settings = engine_config(
+        "zeroth", lr=LR, local_steps=STEPS, batch_size=1, num_seeds=K, run_seed=0
+    )
+    asked = TrainInstructions.from_config({CATCH_UP_KEY: 1, DIGEST_KEY: adapter_digest(version_2)})
     with pytest.raises(DataError, match="none kept"):
-        catch_up(context, config, seeds_to_record(history[1]), settings)
-    keep_global(context, ConfigRecord({VERSION_KEY: 1}), version_1)
-    rebuilt = catch_up(context, config, seeds_to_record(history[1]), settings)
+        catch_up(context, asked, seeds_to_record(history[1]), settings)
+    keep_global(context, TrainInstructions.from_config({VERSION_KEY: 1}), version_1)
+    rebuilt = catch_up(context, asked, seeds_to_record(history[1]), settings)
     assert all(torch.equal(rebuilt[k], version_2[k]) for k in version_2)
     with pytest.raises(DataError, match="differs from the server's"):
-        catch_up(context, config, seeds_to_record([(7, 1.5)]), settings)
-    keep_global(context, ConfigRecord({VERSION_KEY: 0}), ADAPTER)
+        catch_up(context, asked, seeds_to_record([(7, 1.5)]), settings)
+    keep_global(context, TrainInstructions.from_config({VERSION_KEY: 0}), ADAPTER)
     with pytest.raises(DataError, match="holds 0"):
-        catch_up(context, config, seeds_to_record(history[1]), settings)
+        catch_up(context, asked, seeds_to_record(history[1]), settings)
 
 
 def test_the_server_replays_a_reply_on_the_adapter_it_sent():
     sync = SeedSync(0, K, LR, STEPS)
-    sent = train_message({**SPEC, VERSION_KEY: 3})
+    sent = TrainInstructions.from_config({**SPEC, VERSION_KEY: 3})
     steps = [(5, 0.25), (9, -2.0)]
     adapter, got, reason = sync.receive(sent, seed_reply(steps), 2, ADAPTER)
     assert reason is None and got == steps and sync.held[2] == 3

@@ -16,8 +16,9 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedtune.protocol import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
 from fedtune.strategies.registry import GROUP, Registered, _parameters
-from fedtune.wire import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY, from_record, to_record
+from fedtune.wire import from_record, to_record
 
 from ..conftest import ROOT
 from .node_grid import NodeListGrid, task_identity

@@ -24,21 +24,12 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtune.engines.seeds import replay, seed_pool
+from fedtune.protocol import ARRAYS_KEY, METRICS_KEY, SEEDS_KEY, WEIGHT_KEY
 from fedtune.server.loop import aggregate_in_client_order, seeded_global_random
 from fedtune.server.seed_sync import SeedSync
 from fedtune.strategies import build_strategy
 from fedtune.strategies.registry import BUILTINS, GROUP
-from fedtune.wire import (
-    ARRAYS_KEY,
-    METRICS_KEY,
-    SEEDS_KEY,
-    WEIGHT_KEY,
-    check_update,
-    expected_specs,
-    from_record,
-    seeds_to_record,
-    to_record,
-)
+from fedtune.wire import check_update, expected_specs, from_record, seeds_to_record, to_record
 
 from .node_grid import NodeListGrid, task_identity
 
@@ -244,7 +235,7 @@ def test_malformed_replies_are_dropped_before_aggregation(name):
             accepted.append((index, state, weight))
 
     assert [index for index, _, _ in accepted] == [index for index, _, _ in ROUND_1]
-    assert reasons[0] == f"{key_a}: got float32[4, 9], expected float32[4, 8]"
+    assert reasons[0] == f"{key_a}: dtype and shape float32[4, 9], expected float32[4, 8]"
     assert reasons[1] == f"{key_b}: non-finite values"
     got, want = run_rounds(name, [accepted]), run_rounds(name, [ROUND_1])
     assert all(torch.equal(got[k], want[k]) for k in GLOBAL)

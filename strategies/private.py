@@ -7,7 +7,7 @@ Henry Bell et al., CCS 2020. See ``docs/privacy.md``.
 
 A wrapper, as Flower's own DP strategies are, but the inner strategy never sees one
 client's update. Each round :class:`PrivateAggregation` keeps the adapter it sent and
-the LoRA factors clients train (``"lora-train"``: FFA-LoRA trains only B). From the
+the LoRA factors clients train (the inner strategy's traits: FFA-LoRA trains only B). From the
 replies it forms the sum of the clipped updates — clipping each on the server, or,
 under secure aggregation, receiving only the sum of updates the clients clipped and
 masked — adds ``N(0, (sigma C)^2)`` to that sum (``mode = "central"``) and divides by
@@ -39,20 +39,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
-from flwr.serverapp.strategy import (
-    Bulyan,
-    FedMedian,
-    FedTrimmedAvg,
-    Krum,
-    MultiKrum,
-    Strategy,
-)
+from flwr.serverapp.strategy import Strategy
 from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from fedtune.checkpoint import restore_strategy_state, strategy_state
 from fedtune.config import Scenario
 from fedtune.engines.seeds import trained_keys
-from fedtune.errors import ConfigError
 from fedtune.privacy.accounting import SAMPLING, Accountant
 from fedtune.privacy.clipping import (
     Update,
@@ -63,19 +55,17 @@ from fedtune.privacy.clipping import (
     next_clip,
     secret_generator,
 )
-from fedtune.privacy.mod import CLIP_KEY, NOISE_KEY, TRAIN_KEY
 from fedtune.privacy.secagg import RECORD, SecAggRound, masked_vectors, share_keys
-from fedtune.wire import (
+from fedtune.protocol import (
     ARRAYS_KEY,
+    CLIP_KEY,
     METRICS_KEY,
+    NOISE_KEY,
     WEIGHT_KEY,
-    from_record,
-    recorddict_nbytes,
-    to_record,
+    StrategyTraits,
+    traits_of,
 )
-
-ROBUST = (FedMedian, FedTrimmedAvg, Krum, MultiKrum, Bulyan)
-"""Rules that need every client's update: they cannot run on a private mean."""
+from fedtune.wire import from_record, recorddict_nbytes, to_record
 
 
 @dataclass(frozen=True)
@@ -165,6 +155,12 @@ class PrivateAggregation(Strategy):
         self.secagg: SecAggRound | None = None
         self.secagg_bytes, self.secagg_seconds = 0, 0.0
 
+    @property
+    def traits(self) -> StrategyTraits:
+        """The inner strategy's: the wrapper changes how replies are summed, not what
+        clients are asked."""
+        return traits_of(self.strategy)
+
     # -- training ------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -180,7 +176,7 @@ class PrivateAggregation(Strategy):
         if not messages:
             return messages
         self.sent = from_record(arrays)
-        self.keys = trained_keys(self.sent, str(config.get(TRAIN_KEY, "all")))
+        self.keys = trained_keys(self.sent, self.traits.trains)
         self.instruction = messages[0]
         clients = [_client_of(grid, m.metadata.dst_node_id) for m in messages]
         self.pending = (eligible, len(messages), clients)
@@ -400,49 +396,16 @@ def wrap_private(
 ) -> PrivateAggregation | None:
     """``strategy`` wrapped as ``[privacy]`` asks (None when it asks for nothing).
 
-    Settings that contradict another section are refused here, naming the key.
+    Settings that contradict another section are refused before, by
+    :func:`fedtune.checks.check_federation`.
     """
     privacy = scenario.privacy
     if privacy.mode == "none" and not privacy.secure_aggregation:
         return None
-    name = scenario.strategy.name
-    if getattr(strategy, "mixed_ranks", False):
-        raise ConfigError(
-            f"privacy: strategy {name!r} trains clients at several LoRA ranks, whose updates "
-            "cannot be clipped or summed together: set privacy.mode = 'none' and "
-            "privacy.secure_aggregation = false, or choose another strategy"
-        )
-    if isinstance(strategy, ROBUST) and privacy.mode != "local":
-        raise ConfigError(
-            f"privacy: strategy {name!r} needs every client's update, but under "
-            f"privacy.mode = {privacy.mode!r} / secure aggregation it sees only their mean: "
-            "use a mean-based strategy (fedavg, ffa-lora, fedadam, ...)"
-        )
-    if privacy.secure_aggregation and scenario.client.wire_dtype != "fp32":
-        raise ConfigError(
-            f"'client.wire_dtype' must be 'fp32' with privacy.secure_aggregation (masked "
-            f"values travel as exact fp32 integers), got {scenario.client.wire_dtype!r}"
-        )
-    if privacy.secure_aggregation and scenario.round.sampled < 3:
-        raise ConfigError(
-            "'round.clients_per_round' must be at least 3 with privacy.secure_aggregation "
-            "(with two, each learns the other's update from the sum)"
-        )
-    if privacy.mode != "none" and not privacy.target_delta < 1 / population:
-        raise ConfigError(
-            f"'privacy.target_delta' = {privacy.target_delta} must be below 1 / population "
-            f"= {1 / population:.3g} (a larger delta allows revealing a client outright)"
-        )
     adaptive = None
     if privacy.adaptive:
         count_std = privacy.count_noise or scenario.round.clients_per_round / 20
         adaptive = AdaptiveClipping(privacy.target_quantile, privacy.clip_lr, count_std)
-        if not privacy.noise_multiplier < 2 * count_std:
-            raise ConfigError(
-                f"'privacy.count_noise' = {count_std:g} (default: round.clients_per_round / "
-                f"20) must exceed privacy.noise_multiplier / 2 = {privacy.noise_multiplier / 2:g} "
-                "for adaptive clipping"
-            )
     secure = (
         SecureAggregation(privacy.secagg_neighbours, privacy.secagg_threshold)
         if privacy.secure_aggregation

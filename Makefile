@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedtune-setup
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test test-fast lint clean proto
+.PHONY: setup demo test test-fast lint typecheck clean proto
 
 setup: $(STAMP)
 
@@ -29,8 +29,16 @@ test: setup lint
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
-lint: setup
+lint: setup typecheck
 	$(BIN)/ruff check fedtune clients server strategies simulations tests benchmarks
+
+# mypy over the package as installed: fedtune/ plus the top-level folders it maps in.
+TYPES := .cache/typecheck
+typecheck: setup
+	rm -rf $(TYPES) && mkdir -p $(TYPES)/fedtune
+	for f in fedtune/*; do ln -s "$$PWD/$$f" $(TYPES)/fedtune/; done
+	for d in clients server strategies simulations; do ln -s "$$PWD/$$d" $(TYPES)/fedtune/$$d; done
+	cd $(TYPES) && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/.cache/mypy -p fedtune
 
 # Regenerate fedtune/ondevice/proto/device_pb2*.py from device.proto (the stubs are committed).
 proto: setup

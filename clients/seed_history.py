@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from fedtune.engines import ZerothSettings
+from fedtune.engines import LocalTraining, ZerothSettings
 from fedtune.engines.seeds import CatchUpError, catch_up_adapter, seed_pool
 from fedtune.errors import DataError
 from fedtune.models.lora import AdapterState
@@ -29,7 +29,7 @@ VERSION_STATE_KEY = "fedkseed-version"
 
 
 def catch_up(
-    context: Context, asked: TrainInstructions, steps: ArrayRecord, settings: ZerothSettings
+    context: Context, asked: TrainInstructions, steps: ArrayRecord, settings: LocalTraining
 ) -> AdapterState:
     """The current global adapter: the kept one with ``steps`` replayed on it, checked
     against the server's digest."""
@@ -37,7 +37,8 @@ def catch_up(
         raise DataError("seed steps in place of the adapter, but no zeroth catch-up was asked")
     kept = None
     if STATE_KEY in context.state.array_records:
-        version = int(context.state.config_records[VERSION_STATE_KEY]["version"])
+        version = context.state.config_records[VERSION_STATE_KEY]["version"]
+        assert isinstance(version, int)
         kept = (version, from_record(context.state.array_records[STATE_KEY]))
     try:
         return catch_up_adapter(

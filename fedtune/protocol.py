@@ -295,7 +295,7 @@ _FIELD_KEYS = {
     "noise": NOISE_KEY,
 }
 _DEFAULTS = {
-    f.name: (f.default_factory() if callable(f.default_factory) else f.default)  # type: ignore[misc]
+    f.name: (f.default_factory() if callable(f.default_factory) else f.default)
     for f in fields(TrainInstructions)
     if f.name in _FIELD_KEYS
 }

@@ -165,8 +165,8 @@ def check_update(
     for key, spec in wire.items():
         array = record[key]
         if array.dtype != spec.dtype or tuple(array.shape) != spec.shape:
-            got, want = f"{array.dtype}{list(array.shape)}", f"{spec.dtype}{list(spec.shape)}"
-            return None, f"{key}: dtype and shape {got}, expected {want}"
+            got_as = f"{array.dtype}{list(array.shape)}"
+            return None, f"{key}: dtype and shape {got_as}, expected {spec.dtype}{list(spec.shape)}"
     try:
         state = _decode(record, expected, wire_dtype)
     except Exception as exc:  # noqa: BLE001 - any undecodable payload is a bad reply

@@ -21,6 +21,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from fedtune.protocol import CLIENT_INDEX_KEY, INFO_KEY
 
@@ -42,14 +43,14 @@ class WrappedGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
 
-    def set_run(self, run_id: int) -> None:  # type: ignore[override]
-        self._grid.set_run(run_id)
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> Run:
         return self._grid.run
 
-    def create_message(  # type: ignore[override]
+    def create_message(
         self,
         content: RecordDict,
         message_type: str,
@@ -223,7 +224,8 @@ class GatewayGrid(WrappedGrid):
         return ids
 
     def pull_replies(self, message_ids: Iterable[str]) -> list[tuple[str, Message]]:
-        phones, others = [], []
+        phones: list[str] = []
+        others: list[str] = []
         for message_id in message_ids:
             (phones if self.gateway.owns_message(message_id) else others).append(message_id)
         replies = list(self.gateway.pull(phones)) if phones else []

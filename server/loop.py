@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -62,8 +62,8 @@ aggregate_in_client_order = steps.aggregate_in_client_order
 seeded_global_random = steps.seeded_global_random
 
 
-class Observer:
-    """Hooks for progress displays; every method is optional."""
+class Observer(Protocol):
+    """Hooks for progress displays (structural: any object with these methods)."""
 
     def run_started(self, scenario: Scenario, initial_perplexity: float) -> None: ...
 
@@ -72,6 +72,22 @@ class Observer:
     def client_done(self, rnd: int, event: dict[str, Any]) -> None: ...
 
     def round_ended(self, event: dict[str, Any]) -> None: ...
+
+
+class Silent:
+    """An observer that shows nothing."""
+
+    def run_started(self, scenario: Scenario, initial_perplexity: float) -> None:
+        return None
+
+    def round_started(self, rnd: int, sampled: int) -> None:
+        return None
+
+    def client_done(self, rnd: int, event: dict[str, Any]) -> None:
+        return None
+
+    def round_ended(self, event: dict[str, Any]) -> None:
+        return None
 
 
 @dataclass
@@ -158,7 +174,7 @@ def run_federation(
     With ``resume``, start after the checkpoint's round from its state; events of later
     rounds (written before the crash, after the checkpoint) are dropped first.
     """
-    observer = observer or Observer()
+    observer = observer if observer is not None else Silent()
     started = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +283,7 @@ def run_federation(
                 if fed.fleet
                 else {}
             ),
-            **(fed.strategy.round_fields() if fed.private else {}),  # type: ignore[attr-defined]
+            **(fed.private.round_fields() if fed.private is not None else {}),
         )
         if fed.fleet is not None:
             state.totals.simulated_seconds += round_event["simulated_seconds"]
@@ -298,7 +314,7 @@ def run_federation(
         "clients_dropped": state.totals.dropped,
         **({"simulated_seconds": state.totals.simulated_seconds} if fed.fleet else {}),
         "population": len(population.train),
-        **({"privacy": fed.strategy.privacy_summary()} if fed.private else {}),  # type: ignore[attr-defined]
+        **({"privacy": fed.private.privacy_summary()} if fed.private is not None else {}),
         "wall_seconds": time.perf_counter() - started,
         "server_peak_rss_mb": peak_rss_mb(),
     }
@@ -333,7 +349,7 @@ def _federation(grid: Grid, scenario: Scenario, adapter: AdapterState, populatio
         specs=expected_specs(adapter),
         max_bytes=steps.max_update_bytes(adapter),
         mixed=mixed,
-        private=private is not None,
+        private=private,
     )
     return fed
 

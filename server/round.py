@@ -22,7 +22,7 @@ import contextlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Message, RecordDict
@@ -47,6 +47,9 @@ from fedtune.server.grid import DeviceGrid
 from fedtune.server.seed_sync import SeedSync
 from fedtune.wire import ArraySpec, check_update, expected_specs, recorddict_nbytes, to_record
 
+if TYPE_CHECKING:
+    from fedtune.strategies.private import PrivateAggregation
+
 
 @dataclass
 class Federation:
@@ -66,8 +69,8 @@ class Federation:
     """The largest update accepted: :data:`~fedtune.protocol.MAX_UPDATE_FACTOR` x fp32."""
     mixed: dict[str, int] = field(default_factory=dict)
     """Device tiers whose LoRA rank differs from ``lora.r``."""
-    private: bool = False
-    """Whether :attr:`strategy` is the privacy wrapper (it adds round fields)."""
+    private: PrivateAggregation | None = None
+    """The privacy wrapper when :attr:`strategy` is one (it adds round fields)."""
 
     @property
     def global_rank(self) -> int:
@@ -197,9 +200,7 @@ def assign(
 
 def with_traits(asked: TrainInstructions, traits: StrategyTraits) -> TrainInstructions:
     """What a strategy's declared traits ask of every client it samples."""
-    return asked.but(
-        train_only=traits.trains, fresh=traits.fresh_adapter, local=traits.keeps_local
-    )
+    return asked.but(train_only=traits.trains, fresh=traits.fresh_adapter, local=traits.keeps_local)
 
 
 def addressed(

@@ -27,7 +27,7 @@ seeds uniformly.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedtune.engines.seeds import SeedStep, aggregate_steps, replay, seed_pool
 from fedtune.errors import ConfigError
-from fedtune.protocol import SEEDS_KEY, StrategyTraits
+from fedtune.protocol import SEEDS_KEY, StrategyTraits, TrainInstructions
 from fedtune.wire import from_record, to_record
 
 
@@ -61,15 +61,15 @@ class FedKSeed(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """FedAvg's sampling and messages; keeps the adapter sent and the seed pool."""
-        engine = config.get("client.engine")
-        if engine != "zeroth":
+        scenario = TrainInstructions.from_config(config).scenario
+        client = scenario.client
+        if client.engine != "zeroth":
             raise ConfigError(
                 f"strategy 'fedkseed' aggregates seed steps: it needs client.engine = "
-                f"'zeroth', not {engine!r}"
+                f"'zeroth', not {client.engine!r}"
             )
         self._sent = arrays
-        pool = seed_pool(int(config["run.seed"]), int(config["client.num_seeds"]))
-        self._replay = (pool, float(config["client.lr"]))
+        self._replay = (seed_pool(scenario.run.seed, client.num_seeds), client.lr)
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -85,8 +85,11 @@ class FedKSeed(FedAvg):
             if SEEDS_KEY not in content.config_records:
                 raise ConfigError("strategy 'fedkseed' got a reply without seed steps")
             record = content.config_records[SEEDS_KEY]
-            histories.append(list(zip(record["index"], record["scalar"], strict=True)))
-            weights.append(float(next(iter(content.metric_records.values()))[self.weighted_by_key]))
+            indices = cast(list[int], record["index"])
+            scalars = cast(list[float], record["scalar"])
+            histories.append([(int(i), float(g)) for i, g in zip(indices, scalars, strict=True)])
+            metrics = next(iter(content.metric_records.values()))
+            weights.append(float(cast(float, metrics[self.weighted_by_key])))
         merged = aggregate_steps(histories, weights)
         pool, lr = self._replay
         adapter = replay(from_record(self._sent), merged, pool, lr)

@@ -196,7 +196,7 @@ def check_forward_ad(model: Any) -> None:
         seen.add(kind)
         # LoRA factors stay fp32 on a bf16 base; packed quantized weights take activations.
         floating = isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point
-        dtype = weight.dtype if floating else activations
+        dtype = weight.dtype if floating and weight is not None else activations
         x = torch.randn(1, features, generator=generator).to(dtype)
         t = torch.randn(1, features, generator=generator).to(dtype)
         layer = f"{type(module).__module__}.{type(module).__qualname__}"

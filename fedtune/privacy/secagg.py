@@ -266,7 +266,7 @@ def masked_vectors(content: RecordDict, arrays_key: str, metrics_key: str) -> Ve
     """A masked reply's vectors as integers: the arrays by sorted key, then the count."""
     record = content.array_records[arrays_key]
     vectors = [record[k].numpy().astype(np.int64) for k in sorted(record)]
-    count = int(content.metric_records[metrics_key][COUNT_KEY])
+    count = int(content.metric_records[metrics_key][COUNT_KEY])  # type: ignore[arg-type]
     return [*vectors, np.array([count], dtype=np.int64)]
 
 
@@ -301,7 +301,7 @@ def _state(context: Context, rnd: int, stage: str) -> dict[str, Any]:
     state = dict(context.state.config_records[STATE])
     if state[ROUND_KEY] != rnd:
         raise ValueError(
-            f"secure aggregation: stage {stage!r} of round {rnd}, keys of {state['round']}"
+            f"secure aggregation: stage {stage!r} of round {rnd}, keys of {state[ROUND_KEY]!r}"
         )
     return state
 

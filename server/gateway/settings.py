@@ -28,7 +28,11 @@ class GatewayAbort(Exception):
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.detail = pb.ErrorDetail(code=code, message=message, retry_after_seconds=retry_after)
+        self.detail = pb.ErrorDetail(
+            code=code,  # type: ignore[arg-type]  # the enum's int values (pb.BAD_UPDATE, ...)
+            message=message,
+            retry_after_seconds=retry_after,
+        )
 
 
 @dataclass(frozen=True)

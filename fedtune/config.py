@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import math
+import os
 import tomllib
 import types
 import typing
@@ -30,6 +31,21 @@ NOT_SCENARIOS = {"devices"}
 DEFAULT_SCENARIO = "quickstart"
 ENGINES = ("backprop", "forward", "zeroth", "auto")
 """Values of ``client.engine``: the engines of :mod:`fedtune.engines`, or ``auto``."""
+
+# Upper bounds of counts and sizes: far above any real run, low enough that a typo
+# (1e9 for 1e3) is refused at load time instead of hanging a run or exhausting memory.
+MAX_ROUNDS = 1_000_000
+MAX_BATCH = 4096
+MAX_CLIENTS = 10_000_000
+MAX_SECONDS = 7 * 24 * 3600.0
+MAX_SCENARIO_BYTES = 1 << 20
+
+SECRET_KEYS = (("gateway", "token"),)
+"""Keys never written to the run folder: ``scenario.toml`` and checkpoints hold
+:data:`REDACTED` in their place, and a resume takes them again (:func:`require_secrets`)."""
+REDACTED = "<redacted>"
+SECRET_ENV = {("gateway", "token"): "FEDTUNE_GATEWAY_TOKEN"}
+"""Environment variables a redacted secret is taken from when a saved scenario is read."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +65,12 @@ class RunConfig:
     to audit an aggregate."""
 
     def __post_init__(self) -> None:
-        _check(self.rounds >= 1, "run.rounds", "must be at least 1")
-        _check(self.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
-        _check(self.eval_batch_size >= 1, "run.eval_batch_size", "must be at least 1")
+        # Seeds feed numpy's and torch's generators, which take [0, 2**32) (numpy's
+        # legacy seeding, Python's random.seed of a round key): checked here, not at round 1.
+        _between(self.seed, 0, 2**32 - 1, "run.seed")
+        _between(self.rounds, 1, MAX_ROUNDS, "run.rounds")
+        _between(self.keep_checkpoints, 1, 10_000, "run.keep_checkpoints")
+        _between(self.eval_batch_size, 1, MAX_BATCH, "run.eval_batch_size")
 
 
 @dataclass(frozen=True)
@@ -79,7 +98,7 @@ class ModelConfig:
             "model.compute_dtype",
             f"must be 'fp32' or 'bf16', got {self.compute_dtype!r}",
         )
-        _check(self.num_layers >= 0, "model.num_layers", "must be >= 0")
+        _between(self.num_layers, 0, 1024, "model.num_layers")
         _check(
             self.quantization in ("none", "int8", "nf4", "int4"),
             "model.quantization",
@@ -102,9 +121,9 @@ class LoraConfig:
     from PEFT's per-model mapping (``q_proj, v_proj`` for Llama, ``c_attn`` for GPT-2)."""
 
     def __post_init__(self) -> None:
-        _check(self.r >= 1, "lora.r", "must be at least 1")
-        _check(self.alpha >= 1, "lora.alpha", "must be at least 1")
-        _check(0.0 <= self.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        _between(self.r, 1, 4096, "lora.r")  # no decoder this project loads is wider
+        _between(self.alpha, 1, 1_000_000, "lora.alpha")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
         _check(all(bool(t) for t in self.targets), "lora.targets", "must not hold empty names")
 
 
@@ -139,11 +158,16 @@ class DataConfig:
             "data.path",
             "must name a JSONL file when data.name = 'jsonl'",
         )
-        _check(self.min_chars >= 0, "data.min_chars", "must be >= 0")
-        _check(self.num_clients >= 0, "data.num_clients", "must be >= 0")
-        _check(self.eval_clients >= 1, "data.eval_clients", "must be at least 1")
-        _check(self.eval_chunks >= 1, "data.eval_chunks", "must be at least 1")
-        _check(0.0 <= self.local_holdout < 1.0, "data.local_holdout", "must be in [0, 1)")
+        # Client text is capped at MAX_CLIENT_BYTES when read (fedtune.data.sources).
+        _between(self.min_chars, 0, 2**30, "data.min_chars")
+        _between(self.num_clients, 0, MAX_CLIENTS, "data.num_clients")
+        _between(self.eval_clients, 1, MAX_CLIENTS, "data.eval_clients")
+        _between(self.eval_chunks, 1, 1_000_000, "data.eval_chunks")
+        _check(
+            0.0 <= self.local_holdout < 1.0,
+            "data.local_holdout",
+            f"must be in [0, 1), got {self.local_holdout}",
+        )
 
 
 @dataclass(frozen=True)
@@ -190,14 +214,16 @@ class ClientConfig:
             "client.engine",
             f"must be one of {', '.join(map(repr, ENGINES))}, got {self.engine!r}",
         )
-        _check(self.eps >= 0, "client.eps", "must be >= 0 (0: chosen by compute dtype)")
-        _check(self.num_seeds >= 1, "client.num_seeds", "must be at least 1")
+        # A perturbation of 1 already moves every weight by a unit: larger is no estimate.
+        _between(self.eps, 0.0, 1.0, "client.eps", "(0: chosen by compute dtype)")
+        _between(self.num_seeds, 1, 2**24, "client.num_seeds")
+        _between(self.max_perturbations, 1, 1024, "client.max_perturbations")
         _check(
             1 <= self.perturbations <= self.max_perturbations,
             "client.perturbations",
             "need 1 <= perturbations <= max_perturbations",
         )
-        _check(self.variance_threshold >= 0, "client.variance_threshold", "must be >= 0")
+        _between(self.variance_threshold, 0.0, 1e6, "client.variance_threshold")
         _check(
             self.forward_derivative in ("jvp", "fd"),
             "client.forward_derivative",
@@ -208,11 +234,13 @@ class ClientConfig:
             "client.forward_optimizer",
             f"must be 'sgd' or 'adamw', got {self.forward_optimizer!r}",
         )
-        _check(self.lr > 0, "client.lr", "must be positive")
-        _check(self.local_steps >= 1, "client.local_steps", "must be at least 1")
-        _check(self.batch_size >= 1, "client.batch_size", "must be at least 1")
-        _check(self.seq_len >= 8, "client.seq_len", "must be at least 8")
-        _check(self.weight_decay >= 0, "client.weight_decay", "must be >= 0")
+        # An infinite or NaN rate makes every update non-finite: every round would be
+        # abandoned and the run would still exit 0. Above 10, AdamW diverges at once.
+        _positive(self.lr, "client.lr", at_most=10.0)
+        _between(self.local_steps, 1, 1_000_000, "client.local_steps")
+        _between(self.batch_size, 1, MAX_BATCH, "client.batch_size")
+        _between(self.seq_len, 8, 131_072, "client.seq_len")  # the longest context we load
+        _between(self.weight_decay, 0.0, 100.0, "client.weight_decay")
         _check(
             self.wire_dtype in ("fp32", "fp16", "int8"),
             "client.wire_dtype",
@@ -245,9 +273,11 @@ class RoundConfig:
             "round.min_reports",
             "must not exceed round.clients_per_round",
         )
-        _check(self.deadline_s > 0, "round.deadline_s", "must be positive")
-        _check(self.over_selection >= 0, "round.over_selection", "must be >= 0")
-        _check(self.timeout_s > 0, "round.timeout_s", "must be positive")
+        _between(self.clients_per_round, 1, MAX_CLIENTS, "round.clients_per_round")
+        # A week: an infinite deadline would make a vanished node hang the run forever.
+        _positive(self.deadline_s, "round.deadline_s", at_most=MAX_SECONDS)
+        _between(self.over_selection, 0.0, 10.0, "round.over_selection")
+        _positive(self.timeout_s, "round.timeout_s", at_most=MAX_SECONDS)
 
     @property
     def sampled(self) -> int:
@@ -278,8 +308,10 @@ class SimulationConfig:
     """Virtual SuperNodes to start (0: one per training client)."""
 
     def __post_init__(self) -> None:
-        _check(self.client_cpus > 0, "simulation.client_cpus", "must be positive")
-        _check(self.num_supernodes >= 0, "simulation.num_supernodes", "must be >= 0")
+        # Ray starts host CPUs / client_cpus actors, each with its own model: 1e-6 asked
+        # for millions and hung. Beyond four actors per core only memory grows.
+        _between(self.client_cpus, 0.25, 1024.0, "simulation.client_cpus")
+        _between(self.num_supernodes, 0, MAX_CLIENTS, "simulation.num_supernodes")
 
 
 @dataclass(frozen=True)
@@ -305,9 +337,10 @@ class DevicesConfig:
             "must give one weight per tier in devices.tiers",
         )
         _check(
-            all(w >= 0 for w in self.weights) and (not self.weights or sum(self.weights) > 0),
+            all(0 <= w < math.inf for w in self.weights)
+            and (not self.weights or sum(self.weights) > 0),
             "devices.weights",
-            "must be non-negative with a positive sum",
+            "must be finite, non-negative, with a positive sum",
         )
 
 
@@ -328,13 +361,13 @@ class AttackConfig:
     """Magnitude of the attack."""
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.fraction <= 1.0, "attack.fraction", "must be in [0, 1]")
+        _between(self.fraction, 0.0, 1.0, "attack.fraction")
         _check(
             self.kind in ATTACKS,
             "attack.kind",
             f"must be one of {', '.join(ATTACKS)}, got {self.kind!r}",
         )
-        _check(self.scale > 0, "attack.scale", "must be positive")
+        _positive(self.scale, "attack.scale", at_most=1e6)
 
 
 PRIVACY_MODES = ("none", "central", "local")
@@ -379,18 +412,18 @@ class PrivacyConfig:
             "privacy.mode",
             f"must be one of {', '.join(PRIVACY_MODES)}, got {self.mode!r}",
         )
-        _check(self.noise_multiplier > 0, "privacy.noise_multiplier", "must be positive")
-        _check(self.clip > 0, "privacy.clip", "must be positive")
+        _positive(self.noise_multiplier, "privacy.noise_multiplier", at_most=1e4)
+        _positive(self.clip, "privacy.clip", at_most=1e6)
         _check(0 < self.target_delta < 1, "privacy.target_delta", "must be in (0, 1)")
-        _check(self.max_epsilon >= 0, "privacy.max_epsilon", "must be >= 0 (0: no budget)")
+        _between(self.max_epsilon, 0.0, 1e6, "privacy.max_epsilon", "(0: no budget)")
         _check(
             not self.adaptive or self.mode == "central",
             "privacy.adaptive",
             f"needs privacy.mode = 'central', got {self.mode!r}",
         )
         _check(0 < self.target_quantile < 1, "privacy.target_quantile", "must be in (0, 1)")
-        _check(self.clip_lr > 0, "privacy.clip_lr", "must be positive")
-        _check(self.count_noise >= 0, "privacy.count_noise", "must be >= 0")
+        _positive(self.clip_lr, "privacy.clip_lr", at_most=10.0)
+        _between(self.count_noise, 0.0, 1e6, "privacy.count_noise")
         _check(
             not (self.secure_aggregation and self.mode == "local"),
             "privacy.secure_aggregation",
@@ -398,9 +431,9 @@ class PrivacyConfig:
             "the noise to the securely aggregated sum)",
         )
         _check(
-            self.secagg_neighbours >= 0 and self.secagg_neighbours % 2 == 0,
+            0 <= self.secagg_neighbours <= MAX_CLIENTS and self.secagg_neighbours % 2 == 0,
             "privacy.secagg_neighbours",
-            "must be 0 or a positive even number",
+            f"must be 0 or a positive even number up to {MAX_CLIENTS}",
         )
         _check(0 < self.secagg_threshold <= 1, "privacy.secagg_threshold", "must be in (0, 1]")
 
@@ -445,17 +478,17 @@ class GatewayConfig:
             "gateway.token",
             "must be at least 8 characters when the gateway is enabled",
         )
-        _check(self.first_client >= 0, "gateway.first_client", "must be >= 0")
-        _check(self.max_devices >= 0, "gateway.max_devices", "must be >= 0")
+        _between(self.first_client, 0, MAX_CLIENTS, "gateway.first_client")
+        _between(self.max_devices, 0, MAX_CLIENTS, "gateway.max_devices")
         _check(
             bool(self.tls_certificate) == bool(self.tls_private_key),
             "gateway.tls_certificate",
             "and gateway.tls_private_key must be given together",
         )
-        _check(self.max_chunk_kb >= 1, "gateway.max_chunk_kb", "must be at least 1")
-        _check(self.rate > 0, "gateway.rate", "must be positive")
-        _check(self.burst >= 1, "gateway.burst", "must be at least 1")
-        _check(self.check_in_s >= 1, "gateway.check_in_s", "must be at least 1")
+        _between(self.max_chunk_kb, 1, 65_536, "gateway.max_chunk_kb")  # gRPC's own cap: 64 MB
+        _positive(self.rate, "gateway.rate", at_most=1e6)
+        _between(self.burst, 1, 1_000_000, "gateway.burst")
+        _between(self.check_in_s, 1, 86_400, "gateway.check_in_s")
         _check(
             self.artifact_int8 in ("none", "weights", "dynamic"),
             "gateway.artifact_int8",
@@ -487,7 +520,11 @@ class Scenario:
         check_scenario(self)
 
     def to_toml(self) -> str:
-        """Render the resolved scenario as TOML that :func:`load_scenario` reads back."""
+        """Render the resolved scenario as TOML that :func:`load_scenario` reads back.
+
+        Secrets (:data:`SECRET_KEYS`) are written as :data:`REDACTED`: this text goes
+        into ``scenario.toml`` and every checkpoint, which must not hold a credential.
+        """
         lines = [
             f"# fedtune scenario {self.name!r}, resolved",
             f"name = {_toml_value(self.name)}",
@@ -496,6 +533,8 @@ class Scenario:
         for section in SECTIONS:
             lines.append(f"[{section}]")
             for key, value in section_values(self, section).items():
+                if (section, key) in SECRET_KEYS and value:
+                    value = REDACTED
                 lines.append(f"{key} = {_toml_value(value)}")
             lines.append("")
         return "\n".join(lines)
@@ -567,9 +606,20 @@ def load_scenario(
     """Load a scenario file (or shipped name) and apply ``section.key=value`` overrides."""
     path = resolve_scenario_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    if len(data) > MAX_SCENARIO_BYTES:
+        raise ConfigError(f"{path}: {len(data)} bytes is too large for a scenario file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        raw = tomllib.loads(text)
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, or an int too long
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     name = raw.pop("name", path.stem)
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{path}: top-level 'name' must be a non-empty string")
@@ -603,8 +653,49 @@ def scenario_from_dict(
         section, key, value = parse_override(item)
         tables.setdefault(section, {})[key] = value
         sources[(section, key)] = f"override --set {item}"
+    for (section, key), env in SECRET_ENV.items():
+        # A secret the scenario does not give (or a saved one, redacted) comes from the
+        # environment, where it shows in no file, argument list or checkpoint.
+        if tables.get(section, {}).get(key, "") in ("", REDACTED) and os.environ.get(env):
+            tables.setdefault(section, {})[key] = os.environ[env]
+            sources[(section, key)] = f"environment {env}"
     built = {s: _build_section(s, tables.get(s, {}), source, sources) for s in SECTIONS}
     return Scenario(name=name, **built)
+
+
+def require_secrets(scenario: Scenario) -> None:
+    """Refuse to run a scenario read back from a run folder whose secrets were not
+    supplied again: the gateway would otherwise accept the placeholder as its token."""
+    if scenario.gateway.enabled and scenario.gateway.token == REDACTED:
+        raise ConfigError(
+            "'gateway.token' is not kept in the run folder: give it again in "
+            f"{SECRET_ENV[('gateway', 'token')]} (or --set gateway.token=...)"
+        )
+
+
+def secrets_toml(scenario: Scenario) -> str:
+    """The scenario's secrets alone, as TOML (empty when it has none): what a process
+    that reads the redacted ``scenario.toml`` needs besides it (``fedtune serve``'s
+    ServerApp), written to a file of mode 0600."""
+    lines = []
+    for section, key in SECRET_KEYS:
+        value = getattr(getattr(scenario, section), key)
+        if value and value != REDACTED:
+            lines += [f"[{section}]", f"{key} = {_toml_value(value)}"]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def secret_overrides(path: str | Path) -> list[str]:
+    """``section.key=value`` overrides from a file :func:`secrets_toml` wrote."""
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read the run's secrets ({exc})") from None
+    return [
+        f"{section}.{key}={_toml_value(raw[section][key])}"
+        for section, key in SECRET_KEYS
+        if isinstance(raw.get(section), dict) and isinstance(raw[section].get(key), str)
+    ]
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -622,7 +713,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         )
     try:
         value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # not a TOML value: take it as a bare string
         value = text.strip()
     return section, key, value
 
@@ -683,6 +774,26 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"'{key}' {message}")
+
+
+def _between(value: float, low: float, high: float, key: str, note: str = "") -> None:
+    """``low <= value <= high``; NaN fails too. The error names the key and the bound."""
+    if low <= value <= high:
+        return
+    extra = f" {note}" if note else ""
+    if value < low:
+        bound = f"at least {low}"
+    elif value > high:
+        bound = f"at most {high}"
+    else:  # NaN compares false both ways
+        bound = f"a number in [{low}, {high}]"
+    raise ConfigError(f"'{key}' must be {bound}{extra}, got {value!r}")
+
+
+def _positive(value: float, key: str, at_most: float) -> None:
+    """``0 < value <= at_most``: finite and positive (inf and NaN fail)."""
+    if not 0 < value <= at_most:
+        raise ConfigError(f"'{key}' must be finite, positive and at most {at_most}, got {value!r}")
 
 
 def _did_you_mean(word: str, options: Iterable[str]) -> str:

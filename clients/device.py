@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fedtune.metrics import peak_rss_mb
+from fedtune.metrics import SECRET_MODE, atomic_write_text, peak_rss_mb
 from fedtune.ondevice.engines import ENGINES, chunk_text, onnxruntime, read_text
 from fedtune.ondevice.proto import device_pb2 as pb
 from fedtune.ondevice.proto import device_pb2_grpc
@@ -133,14 +133,16 @@ class DeviceClient:
         except grpc.RpcError as exc:
             raise error_of(exc) from None
         self.device_id, self.credential = reply.device_id, reply.credential
-        identity.write_text(
+        atomic_write_text(  # 0600: the credential lets anyone act as this device
+            identity,
             json.dumps(
                 {
                     "device_id": self.device_id,
                     "credential": self.credential,
                     "token": hashlib.sha256(self.token.encode()).hexdigest(),
                 }
-            )
+            ),
+            mode=SECRET_MODE,
         )
         return self.device_id
 

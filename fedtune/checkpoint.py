@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.config import SECTIONS, Scenario, scenario_from_dict, section_values
+from fedtune.config import SECRET_KEYS, SECTIONS, Scenario, scenario_from_dict, section_values
 from fedtune.errors import FedtuneError
 from fedtune.metrics import atomic_write_bytes
 
@@ -78,11 +78,40 @@ class Checkpoint:
             obj = torch.load(io.BytesIO(payload), weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable payload is corrupt
             raise CorruptCheckpoint(f"unreadable payload: {exc}") from exc
+        _check_payload(obj)  # a valid checksum proves integrity, not that we wrote it
         return cls(**obj)
 
 
 class CorruptCheckpoint(Exception):
     """A checkpoint file that fails its checks."""
+
+
+_PAYLOAD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "round": int,
+    "scenario_name": str,
+    "scenario_toml": str,
+    "scenario_digest": str,
+    "adapter": dict,
+    "strategy": dict,
+    "history": dict,
+}
+
+
+def _check_payload(obj: Any) -> None:
+    """A payload of the right shape: exactly :class:`Checkpoint`'s fields, each of its
+    type, the adapter of named tensors. Anything else is another program's file."""
+    if not isinstance(obj, dict) or set(obj) != set(_PAYLOAD_TYPES):
+        keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise CorruptCheckpoint(f"not a fedtune checkpoint payload (holds {keys})")
+    for key, kind in _PAYLOAD_TYPES.items():
+        if not isinstance(obj[key], kind) or isinstance(obj[key], bool):
+            raise CorruptCheckpoint(f"payload field {key!r} is {type(obj[key]).__name__}")
+    if obj["round"] < 0:
+        raise CorruptCheckpoint(f"payload round {obj['round']} is negative")
+    if not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj["adapter"].items()
+    ):
+        raise CorruptCheckpoint("payload adapter is not a mapping of names to tensors")
 
 
 def checkpoint_path(folder: Path, rnd: int) -> Path:
@@ -100,13 +129,19 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint, keep: int) -> Path:
     return path
 
 
-def load_latest_checkpoint(folder: Path) -> Checkpoint | None:
-    """The newest checkpoint that passes its checks; corrupt ones are logged and skipped."""
+def load_latest_checkpoint(folder: Path, problems: list[str] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that passes its checks; corrupt ones are logged and skipped
+    (and, given ``problems``, each is added to it as ``name: reason``)."""
     for path in sorted(Path(folder).glob("round-*.ckpt"), reverse=True):
         try:
+            if not path.is_file():
+                raise CorruptCheckpoint("not a regular file")
             return Checkpoint.from_bytes(path.read_bytes())
-        except CorruptCheckpoint as exc:
-            logger.warning("checkpoint %s is corrupt (%s); trying the previous one", path, exc)
+        except (CorruptCheckpoint, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            logger.warning("checkpoint %s is corrupt (%s); trying the previous one", path, reason)
+            if problems is not None:
+                problems.append(f"{path.name}: {reason}")
     return None
 
 
@@ -122,7 +157,10 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def resume_point(
-    run_dir: Path, requested: Scenario | None, allow_config_change: bool = False
+    run_dir: Path,
+    requested: Scenario | None,
+    allow_config_change: bool = False,
+    locked: bool = False,
 ) -> tuple[Scenario, Checkpoint]:
     """The scenario and checkpoint to resume ``run_dir`` from.
 
@@ -130,20 +168,40 @@ def resume_point(
     or the differing keys are named and resuming is refused, unless
     ``allow_config_change``.
     """
+    from fedtune.rundir import check_run_dir
+
     run_dir = Path(run_dir)
+    if not locked:  # the caller does not hold the lock: refuse a folder another holds
+        check_run_dir(run_dir)
+    elif not run_dir.is_dir():
+        raise FedtuneError(f"{run_dir} is not a run folder to resume")
     if (run_dir / "summary.json").exists():
         raise FedtuneError(f"{run_dir} holds a finished run (summary.json): nothing to resume")
-    checkpoint = load_latest_checkpoint(run_dir / "checkpoints")
+    problems: list[str] = []
+    checkpoint = load_latest_checkpoint(run_dir / "checkpoints", problems)
     if checkpoint is None:
-        raise FedtuneError(f"{run_dir} has no valid checkpoint to resume from: start a new run")
-    saved = scenario_from_dict(
-        tomllib.loads(checkpoint.scenario_toml),
-        source=f"{run_dir} checkpoint",
-        name=checkpoint.scenario_name,
-    )
+        skipped = f" (skipped {'; '.join(problems)})" if problems else ""
+        raise FedtuneError(
+            f"{run_dir} has no valid checkpoint to resume from{skipped}: start a new run"
+        )
+    where = f"{run_dir / 'checkpoints' / checkpoint_path(Path(), checkpoint.round)}"
+    missing = [k for k in _HISTORY_KEYS if not isinstance(checkpoint.history.get(k), int | float)]
+    if missing:
+        raise FedtuneError(f"{where}: not a fedtune run's checkpoint (no {', '.join(missing)})")
+    try:
+        raw = tomllib.loads(checkpoint.scenario_toml)
+    except (ValueError, RecursionError) as exc:
+        raise FedtuneError(f"{where}: its scenario is not valid TOML ({exc})") from None
+    saved = scenario_from_dict(raw, source=where, name=checkpoint.scenario_name)
     if requested is None:
         return saved, checkpoint
     differing = config_differences(saved, requested)
+    fixed = [k for k in differing if k in ADAPTER_SHAPE_KEYS]
+    if fixed:
+        raise FedtuneError(
+            f"the scenario changes {', '.join(fixed)}, which shape the checkpoint's adapter: "
+            "no resume can continue it (even with --allow-config-change); start a new run"
+        )
     if differing and not allow_config_change:
         raise FedtuneError(
             f"the scenario differs from the checkpoint's in {', '.join(differing)}: resume "
@@ -152,12 +210,24 @@ def resume_point(
     return replace(requested, name=saved.name), checkpoint
 
 
+_HISTORY_KEYS = ("initial_perplexity", "current_perplexity", "rounds_completed")
+"""What :meth:`fedtune.server.loop.RunState.from_checkpoint` reads without a default."""
+ADAPTER_SHAPE_KEYS = ("model.name", "model.num_layers", "lora.r", "lora.targets")
+"""Keys that decide the adapter's tensor names and shapes: a checkpoint's adapter does
+not fit a model built with other values, so no resume may change them."""
+
+
 def config_differences(a: Scenario, b: Scenario) -> list[str]:
-    """Dotted keys whose values differ between two scenarios."""
+    """Dotted keys whose values differ between two scenarios (secrets aside: the saved
+    scenario holds them redacted, and a resume supplies them again)."""
     keys = []
     for section in SECTIONS:
         va, vb = section_values(a, section), section_values(b, section)
-        keys += [f"{section}.{k}" for k in sorted(set(va) | set(vb)) if va.get(k) != vb.get(k)]
+        keys += [
+            f"{section}.{k}"
+            for k in sorted(set(va) | set(vb))
+            if va.get(k) != vb.get(k) and (section, k) not in SECRET_KEYS
+        ]
     return keys
 
 

@@ -3,12 +3,19 @@
 ``metrics.jsonl`` holds one JSON object per line with an ``"event"`` key:
 ``client_update`` (one per reply, accepted or not) and ``round`` (one per round).
 ``summary.json`` is written last, atomically: its presence means the run finished.
+
+A process killed mid-append leaves a last line without its newline: readers drop it
+(:func:`read_events`) and :class:`EventLog` cuts it off before appending again.
+
+Files are created with the process's umask (``0o666 & ~umask``), except those that
+hold a secret, written with ``mode=SECRET_MODE`` whatever the umask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import resource
@@ -18,18 +25,42 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from fedtune.errors import FedtuneError
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file, fsync and rename: never half-written."""
+SECRET_MODE = 0o600
+"""Mode of a file holding a credential or a token, under any umask."""
+logger = logging.getLogger("fedtune")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it, which races
+    with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o077)  # no /proc: the only portable read sets it for a moment
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` via a temp file, fsync and rename: never half-written.
+
+    The file gets ``mode`` if given (:data:`SECRET_MODE` for secrets), else what
+    ``open`` would give it under the umask; it never exists with a wider mode.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are meant to be shared
+        os.chmod(tmp, mode if mode is not None else 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,7 +78,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700; mkdir would not
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -55,8 +86,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -98,11 +129,16 @@ def reset_peak_rss() -> None:
 
 
 class EventLog:
-    """Append-only JSONL event writer; each line is flushed as it is written."""
+    """Append-only JSONL event writer; each line is flushed as it is written.
+
+    A torn last line (a process killed mid-append) is cut off first: appending after
+    it would glue the next event onto it.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        drop_torn_tail(self.path)
         self._handle: TextIO = open(self.path, "a", encoding="utf-8")
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -121,11 +157,58 @@ class EventLog:
         self.close()
 
 
+class EventLogError(FedtuneError):
+    """A complete line of ``metrics.jsonl`` that is not an event: damage, not a crash."""
+
+
+def drop_torn_tail(path: Path) -> bool:
+    """Cut a last line that lacks its newline (a kill mid-append); True if one was cut."""
+    try:
+        with open(path, "r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
+                return False
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return False
+            # Walk back to the last newline, a block at a time (lines are short).
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                handle.seek(start)
+                cut = handle.read(end - start).rfind(b"\n")
+                if cut >= 0:
+                    end = start + cut + 1
+                    break
+                end = start
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except FileNotFoundError:
+        return False
+    logger.warning("%s: dropped a torn last line (%d bytes)", path, size - end)
+    return True
+
+
 def read_events(path: Path, event: str | None = None) -> Iterator[dict[str, Any]]:
-    """Events of a ``metrics.jsonl``, optionally only those of one kind."""
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
+    """Events of a ``metrics.jsonl``, optionally only those of one kind.
+
+    A last line without its newline is torn (the writer was killed mid-append): it is
+    skipped with a warning. Any other line that is not a JSON object is an
+    :class:`EventLogError` naming the file and line.
+    """
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.endswith(b"\n"):
+                logger.warning("%s:%d: skipped a torn last line", path, number)
+                return
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                if event is None or record.get("event") == event:
-                    yield record
+            except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, too deep
+                raise EventLogError(f"{path}:{number}: not a JSON event ({exc})") from None
+            if not isinstance(record, dict):
+                raise EventLogError(f"{path}:{number}: not a JSON object")
+            if event is None or record.get("event") == event:
+                yield record

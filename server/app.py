@@ -5,7 +5,10 @@ resolved scenario; ``flwr run`` (and ``fedtune serve``, which calls it) uses the
 module-level ``app``, which reads from the run config (``[tool.flwr.app.config]``):
 ``scenario`` (a shipped name or a TOML path), ``overrides`` (``section.key=value``
 separated by spaces), ``out`` (the run folder), ``nodes`` (SuperNodes to wait for;
-0 = one per training client) and ``resume`` (continue the run in ``out``).
+0 = one per training client) and ``resume`` (continue the run in ``out``);
+``fedtune serve`` adds ``locked`` (it holds the run folder's lock itself) and
+``secrets`` (a 0600 file with the secrets ``scenario.toml`` holds redacted). Started
+by ``flwr run`` directly, the ServerApp takes the run folder's lock for the run.
 
 With ``[gateway] enabled = true`` the ServerApp also hosts the device gateway
 (:mod:`fedtune.server.gateway`) for the whole run: enrolled phones are nodes too.
@@ -20,8 +23,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.checkpoint import Checkpoint, resume_point
-from fedtune.config import Scenario, load_scenario
-from fedtune.errors import FedtuneError
+from fedtune.config import Scenario, load_scenario, require_secrets, secret_overrides
+from fedtune.rundir import lock_run_dir
 from fedtune.server.gateway import hosted_gateway
 from fedtune.server.loop import Observer, run_federation
 
@@ -50,26 +53,46 @@ def make_server_app(
                 )
             return
         cfg = context.run_config
-        resolved = load_scenario(
-            str(cfg.get("scenario", "quickstart")), str(cfg.get("overrides", "")).split()
-        )
+        overrides = str(cfg.get("overrides", "")).split()
+        if cfg.get("secrets"):
+            overrides += secret_overrides(str(cfg["secrets"]))
+        resolved = load_scenario(str(cfg.get("scenario", "quickstart")), overrides)
         out = Path(str(cfg["out"])) if cfg.get("out") else default_run_dir(resolved)
-        checkpoint = None
-        if bool(cfg.get("resume", False)):
-            resolved, checkpoint = resume_point(out, resolved)
-        elif (out / "summary.json").exists():
-            raise FedtuneError(f"{out} already holds a finished run: choose another out")
-        with hosted_gateway(resolved, grid, out) as nodes:
-            run_federation(
-                nodes,
-                resolved,
-                out,
-                observer,
-                expected_nodes=int(cfg.get("nodes", 0)) or None,
-                resume=checkpoint,
-            )
+        resuming = bool(cfg.get("resume", False))
+        # Under `fedtune serve` the launching command holds the lock; started by `flwr
+        # run` alone, the ServerApp holds it (and refuses a busy or finished folder).
+        lock = None if bool(cfg.get("locked", False)) else lock_run_dir(out, new=not resuming)
+        try:
+            _deployed(grid, resolved, out, observer, int(cfg.get("nodes", 0)), resuming)
+        finally:
+            if lock is not None:
+                lock.release()
 
     return app
+
+
+def _deployed(
+    grid: Grid,
+    resolved: Scenario,
+    out: Path,
+    observer: Observer | None,
+    nodes_expected: int,
+    resume: bool,
+) -> None:
+    """The ServerApp's run under deployment, once the run folder is locked."""
+    checkpoint = None
+    if resume:
+        resolved, checkpoint = resume_point(out, resolved, locked=True)
+    require_secrets(resolved)
+    with hosted_gateway(resolved, grid, out) as nodes:
+        run_federation(
+            nodes,
+            resolved,
+            out,
+            observer,
+            expected_nodes=nodes_expected or None,
+            resume=checkpoint,
+        )
 
 
 app = make_server_app()

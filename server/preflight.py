@@ -13,8 +13,8 @@ from pathlib import Path
 
 from fedtune.checks import check_federation
 from fedtune.config import Scenario
-from fedtune.errors import FedtuneError
 from fedtune.protocol import traits_of
+from fedtune.rundir import RunDirLock, lock_run_dir
 
 
 def preflight(scenario: Scenario) -> int:
@@ -52,12 +52,10 @@ def preflight(scenario: Scenario) -> int:
     return len(population.train)
 
 
-def prepare_run_dir(run_dir: Path) -> Path:
-    """Refuse a folder that already holds a run: a finished one or an unfinished one."""
-    run_dir = Path(run_dir)
-    if (run_dir / "summary.json").exists():
-        raise FedtuneError(f"{run_dir} already holds a finished run: choose another --out")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FedtuneError(f"{run_dir} is not empty: choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+def prepare_run_dir(run_dir: Path, resume: bool = False) -> RunDirLock:
+    """Create (mode 0700) and lock the run folder for the run's life; refuse a file, a
+    folder another process holds, a finished run, or (for a new run) any content.
+
+    Release the returned lock when the run ends (it is a context manager).
+    """
+    return lock_run_dir(Path(run_dir), new=not resume)

@@ -7,6 +7,11 @@ ClientApp. fedtune writes what ``flwr run`` needs into the run folder — a mini
 Flower app (a pyproject naming fedtune's components, which must be installed where
 the SuperLink and SuperNodes run) and a ``FLWR_HOME`` with one connection — and
 streams the run's logs until it ends.
+
+``fedtune serve`` holds the run folder's lock (:mod:`fedtune.rundir`) until ``flwr
+run`` returns and tells the ServerApp so (``locked = true``). Secrets never reach
+``scenario.toml`` (it is written redacted); they travel to the ServerApp in
+``RUN_DIR/secrets.toml`` (mode 0600), deleted when the run ends.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import Scenario
+from fedtune.config import Scenario, require_secrets, secrets_toml
 from fedtune.errors import FedtuneError
-from fedtune.metrics import atomic_write_text
+from fedtune.metrics import SECRET_MODE, atomic_write_text
+from fedtune.rundir import check_new_run_dir
+
+SECRETS_FILE = "secrets.toml"
 
 APP_PYPROJECT = """\
 # Written by `fedtune serve`: a Flower app whose components live in the installed
@@ -47,6 +55,8 @@ overrides = ""
 out = ""
 nodes = 0
 resume = false
+locked = false
+secrets = ""
 """
 
 
@@ -91,29 +101,52 @@ def serve(
     root_certificates: Path | None = None,
 ) -> dict[str, Any]:
     """Submit ``scenario`` to the SuperLink at ``superlink``; wait; return the summary."""
-    import json
-
     from fedtune.server.preflight import preflight, prepare_run_dir
 
-    preflight(scenario)
+    require_secrets(scenario)
     run_dir = Path(run_dir).resolve()
     if not resume:
-        prepare_run_dir(run_dir)
-        atomic_write_text(run_dir / "scenario.toml", scenario.to_toml())
+        check_new_run_dir(run_dir)  # a file or a busy folder costs no preflight
+    preflight(scenario)
+    with prepare_run_dir(run_dir, resume=resume):
+        return _submit(scenario, run_dir, superlink, nodes, resume, root_certificates)
+
+
+def _submit(
+    scenario: Scenario,
+    run_dir: Path,
+    superlink: str,
+    nodes: int,
+    resume: bool,
+    root_certificates: Path | None,
+) -> dict[str, Any]:
+    """:func:`serve` once the run folder is locked."""
+    import json
+
+    if not resume:
+        atomic_write_text(run_dir / "scenario.toml", scenario.to_toml())  # secrets redacted
+    secrets = secrets_toml(scenario)
+    secrets_path = run_dir / SECRETS_FILE
+    if secrets:
+        atomic_write_text(secrets_path, secrets, mode=SECRET_MODE)
     app_dir, home = write_flower_files(run_dir, superlink, root_certificates)
     run_config = (
         f'scenario="{run_dir / "scenario.toml"}" out="{run_dir}" nodes={int(nodes)} '
-        f"resume={'true' if resume else 'false'}"
+        f"resume={'true' if resume else 'false'} locked=true "
+        f'secrets="{secrets_path if secrets else ""}"'
     )
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
-    result = subprocess.run(
-        [_flwr(), "run", str(app_dir), "fedtune", "--run-config", run_config, "--stream"],
-        env=env,
-    )
+    try:
+        result = subprocess.run(
+            [_flwr(), "run", str(app_dir), "fedtune", "--run-config", run_config, "--stream"],
+            env=env,
+        )
+    finally:
+        secrets_path.unlink(missing_ok=True)  # the token is supplied again on resume
     summary_path = run_dir / "summary.json"
     if result.returncode != 0 or not summary_path.exists():
         raise FedtuneError(

@@ -28,11 +28,15 @@ def simulate(
     """Run ``scenario`` on Flower's simulation engine (Ray); return the summary.
 
     With ``resume`` (see :func:`fedtune.checkpoint.resume_point`), continue the run in
-    ``run_dir``.
+    ``run_dir``. The run folder is locked from before its first file to the end.
     """
-    import json
-
+    from fedtune.config import require_secrets
+    from fedtune.rundir import check_new_run_dir
     from fedtune.server.preflight import preflight, prepare_run_dir
+
+    require_secrets(scenario)
+    if resume is None:
+        check_new_run_dir(run_dir)  # a file or a busy folder costs no preflight
 
     if not verbose:
         # Keep the screen for fedtune's progress: Flower's deprecation notice for
@@ -43,7 +47,22 @@ def simulate(
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     population = preflight(scenario)
-    run_dir = prepare_run_dir(run_dir) if resume is None else Path(run_dir)
+    run_dir = Path(run_dir)
+    with prepare_run_dir(run_dir, resume=resume is not None):
+        return _run(scenario, run_dir, population, progress, verbose, resume)
+
+
+def _run(
+    scenario: Scenario,
+    run_dir: Path,
+    population: int,
+    progress: bool,
+    verbose: bool,
+    resume: Checkpoint | None,
+) -> dict[str, Any]:
+    """:func:`simulate` once the run folder is locked."""
+    import json
+
     num_nodes = scenario.simulation.num_supernodes or population
 
     from flwr.simulation import run_simulation

@@ -26,6 +26,8 @@ def rounds_done(run_dir) -> int:
 
 
 def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
+    """Killed during round 3, its event log torn mid-line as a kill during an append
+    leaves it: the resume drops the torn line and ends byte-identical."""
     reference = tmp_path / "reference"
     result = run_cli("simulate", "tiny", "--out", str(reference), *ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -49,6 +51,9 @@ def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
         proc.wait()
     assert not (crashed / "summary.json").exists()
     assert rounds_done(crashed) < 5
+    torn = b'{"bytes_down": 1024, "client": 3, "event": "client_update", "rou'
+    with open(crashed / "metrics.jsonl", "ab") as log:
+        log.write(torn)
 
     result = run_cli("simulate", "--resume", str(crashed), "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -63,6 +68,7 @@ def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
         (e["round"], e["perplexity"]) for e in read_events(crashed / "metrics.jsonl", "round")
     ]
     assert got_rounds == ref_rounds  # one event per round, no duplicates, same values
+    assert torn not in (crashed / "metrics.jsonl").read_bytes()
     summary = json.loads((crashed / "summary.json").read_text())
     assert summary["rounds_completed"] == 5
     assert summary["bytes_up"] == json.loads((reference / "summary.json").read_text())["bytes_up"]

@@ -266,9 +266,26 @@ class RoundConfig:
     reports (with ``[devices]``: first by simulated arrival)."""
     timeout_s: float = 600.0
     """With ``[devices]``: wall-clock seconds the server waits for replies."""
+    outlier_factor: float = 20.0
+    """Reject an update whose norm (its change of the adapter sent) exceeds this many
+    times the median of the round's valid updates (judged from 3 updates up; 0: off).
+    20 lets ``[attack]``'s default x10 sign-flip through, for studies of robust rules."""
+    max_update_ratio: float = 100.0
+    """Reject an update whose norm exceeds this many times the norm of the adapter
+    sent, whatever the cohort (0: off)."""
+    clip_updates: float = 0.0
+    """Server-side clipping: scale an update whose norm exceeds this many times the
+    round's median down to that norm (0: off)."""
 
     def __post_init__(self) -> None:
         _check(self.clients_per_round >= 1, "round.clients_per_round", "must be at least 1")
+        for key in ("outlier_factor", "max_update_ratio", "clip_updates"):
+            value = getattr(self, key)
+            _check(
+                math.isfinite(value) and (value == 0 or value >= 1),
+                f"round.{key}",
+                "must be 0 (off) or a finite factor >= 1",
+            )
         _check(self.min_reports >= 1, "round.min_reports", "must be at least 1")
         _check(
             self.min_reports <= self.clients_per_round,

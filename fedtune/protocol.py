@@ -84,6 +84,8 @@ ERROR_KEY = "fedtune-error-bin"
 """gRPC trailing-metadata key of a refused call's serialized ``ErrorDetail``."""
 ERROR_REPLY_CODE = 400
 """Flower ``Error`` code of a client's or phone's refused task (the loop logs why)."""
+DECLINED_REPLY_CODE = 410
+"""Flower ``Error`` code of a task its device declined or failed (counted as dropped)."""
 MAX_UPDATE_FACTOR = 4
 """An update may be at most this many times the fp32 size of the adapter sent."""
 
@@ -229,6 +231,13 @@ class TrainInstructions:
     @property
     def lora_rank(self) -> int:
         return self.rank or int(self.spec.get("lora.r", 0))
+
+    @property
+    def examples(self) -> int:
+        """The sequences this message asks for (local steps x batch size): the
+        client's aggregation weight, whatever it reports."""
+        client = self.scenario.client
+        return client.local_steps * client.batch_size
 
     def client_seed(self, client: int) -> int:
         """The seed of this client-round: batches, dropout and perturbations."""

@@ -12,9 +12,10 @@ in :mod:`fedtune.server.round`; what changes from round to round is one
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -243,31 +244,35 @@ def run_federation(
         observer.round_started(rnd, len(assignments))
         sent, judged, wait = steps.send(fed, rnd, assignments)
         judged += [steps.judge(fed, rnd, a, reply, state.adapter, wait) for a, reply in sent]
+        steps.bound_updates(fed, judged, state.adapter)
         steps.apply_round_policy(fed, rnd, judged)
         tally = steps.record(fed, rnd, judged, events, observer.client_done, save_update)
 
-        status = "abandoned"
+        status, why = "abandoned", None
         if len(tally.accepted) < scenario.round.min_reports:
-            log(
-                INFO,
-                "Round %d abandoned: %d valid updates < round.min_reports = %d",
-                rnd,
-                len(tally.accepted),
-                scenario.round.min_reports,
+            why = (
+                f"{len(tally.accepted)} valid updates < round.min_reports = "
+                f"{scenario.round.min_reports}"
             )
-        elif (
-            arrays := steps.aggregate_in_client_order(fed.strategy, rnd, tally.accepted)
-        ) is not None:
-            status = "ok"
-            state.adapter = from_record(arrays)
-            state.current_perplexity = evaluate(state.adapter)
-            state.rounds_completed = rnd
+        else:
+            before = strategy_state(fed.strategy)
+            adapter, score, why = _aggregate(fed, rnd, tally, evaluate)
+            if adapter is None:  # the strategy's state must not keep a bad round either
+                restore_strategy_state(fed.strategy, before)
+                load_adapter_state(model, state.adapter)
+            else:
+                status = "ok"
+                state.adapter, state.current_perplexity = adapter, score
+                state.rounds_completed = rnd
+        if why is not None:
+            log(WARNING, "Round %d abandoned: %s", rnd, why)
 
         _add_tally(state.totals, tally)
         round_event = events.write(
             "round",
             round=rnd,
             status=status,
+            **({"reason": why} if why is not None else {}),
             perplexity=state.current_perplexity,
             participants=len(tally.accepted),
             sampled=len(assignments),
@@ -352,6 +357,24 @@ def _federation(grid: Grid, scenario: Scenario, adapter: AdapterState, populatio
         private=private,
     )
     return fed
+
+
+def _aggregate(
+    fed: steps.Federation, rnd: int, tally: steps.Tally, evaluate: Any
+) -> tuple[AdapterState | None, float, str | None]:
+    """The strategy's aggregate of the accepted replies and its held-out perplexity, or
+    (None, nan, reason) when there is none or it is not finite."""
+    arrays = steps.aggregate_in_client_order(fed.strategy, rnd, tally.accepted)
+    if arrays is None:
+        return None, math.nan, "the strategy returned no adapter"
+    adapter = from_record(arrays)
+    bad = sorted(k for k, v in adapter.items() if not bool(v.isfinite().all()))
+    if bad:
+        return None, math.nan, f"the aggregate has non-finite values ({bad[0]}, ...)"
+    score = evaluate(adapter)
+    if not math.isfinite(score):
+        return None, math.nan, f"the aggregate's held-out perplexity is {score}"
+    return adapter, score, None
 
 
 def _save(run_dir: Path, fed: steps.Federation, state: RunState, started: float) -> None:

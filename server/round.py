@@ -19,7 +19,9 @@ loop in :func:`fedtune.server.loop.run_federation` calls, each round:
 from __future__ import annotations
 
 import contextlib
+import math
 import random
+import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,8 +37,11 @@ from fedtune.models.lora import AdapterState
 from fedtune.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    DECLINED_REPLY_CODE,
     MAX_UPDATE_FACTOR,
+    METRICS_KEY,
     ROUND_KEY,
+    WEIGHT_KEY,
     StrategyTraits,
     TrainInstructions,
     report_fields,
@@ -45,7 +50,15 @@ from fedtune.protocol import (
 from fedtune.server.fleet import Fleet, keep_first_arrivals
 from fedtune.server.grid import DeviceGrid
 from fedtune.server.seed_sync import SeedSync
-from fedtune.wire import ArraySpec, check_update, expected_specs, recorddict_nbytes, to_record
+from fedtune.wire import (
+    ArraySpec,
+    check_update,
+    client_error,
+    expected_specs,
+    from_record,
+    recorddict_nbytes,
+    to_record,
+)
 
 if TYPE_CHECKING:
     from fedtune.strategies.private import PrivateAggregation
@@ -123,6 +136,11 @@ class Judged:
     event: dict[str, Any]
     reply: Message | None = None
     update: AdapterState | None = None
+    assignment: Assignment | None = None
+
+    def reject(self, reason: str) -> None:
+        self.event.update(status="rejected", reason=reason)
+        self.update = None
 
     def as_tuple(self) -> tuple[dict[str, Any], Message | None, AdapterState | None]:
         return self.event, self.reply, self.update
@@ -275,7 +293,10 @@ def judge(
     event = new_event(fed, rnd, assignment, assignment.bytes_down)
     if reply is None:
         event.update(status="dropped", reason=f"no reply within {wait} s", bytes_up=0)
-        return Judged(event)
+        return Judged(event, assignment=assignment)
+    if reply.has_error() and reply.error.code == DECLINED_REPLY_CODE:
+        event.update(status="dropped", reason=client_error(reply), bytes_up=0)
+        return Judged(event, reply, assignment=assignment)
     event["bytes_up"] = recorddict_nbytes(reply.content) if not reply.has_error() else 0
     event.update(report_fields(reply))
     update: AdapterState | None
@@ -294,9 +315,68 @@ def judge(
         update, reason = None, f"stale round {reported(reply, ROUND_KEY)!r} (now {rnd})"
     if update is None:
         event.update(status="rejected", reason=reason)
-    else:
-        event["status"] = "ok"
-    return Judged(event, reply, update)
+        return Judged(event, reply, None, assignment)
+    # The aggregation weight is what the server asked for, never the client's claim.
+    event["reported_num_examples"] = event["num_examples"]
+    event["num_examples"] = assignment.asked.examples
+    reply.content.metric_records[METRICS_KEY][WEIGHT_KEY] = assignment.asked.examples
+    event["status"] = "ok"
+    return Judged(event, reply, update, assignment)
+
+
+def update_norms(judged: list[Judged], adapter: AdapterState) -> dict[int, float]:
+    """The L2 norm of each accepted update's change of the adapter its client was sent
+    (the global adapter where catch-up steps went instead), by position in ``judged``."""
+    norms = {}
+    for i, j in enumerate(judged):
+        if j.event["status"] != "ok" or j.update is None or j.assignment is None:
+            continue
+        content = j.assignment.message.content
+        sent = from_record(content[ARRAYS_KEY]) if ARRAYS_KEY in content.array_records else adapter
+        squares = sum(
+            float(((j.update[k].double() - sent[k].double()) ** 2).sum())
+            for k in j.update
+            if k in sent and sent[k].shape == j.update[k].shape
+        )
+        norms[i] = math.sqrt(squares)
+    return norms
+
+
+def bound_updates(fed: Federation, judged: list[Judged], adapter: AdapterState) -> None:
+    """The round's update-norm bound, in place: updates far larger than the adapter or
+    than the cohort's median are rejected with the reason; with ``round.clip_updates``,
+    the rest are scaled down to that multiple of the median."""
+    settings = fed.scenario.round
+    norms = update_norms(judged, adapter)
+    if settings.max_update_ratio:
+        size = math.sqrt(sum(float((v.double() ** 2).sum()) for v in adapter.values()))
+        bound = settings.max_update_ratio * max(size, 1e-12)
+        for i, norm in list(norms.items()):
+            if not norm <= bound:  # also catches an overflow to inf
+                judged[i].reject(
+                    f"update norm {norm:.3g} exceeds round.max_update_ratio = "
+                    f"{settings.max_update_ratio:g} x the adapter's norm {size:.3g}"
+                )
+                del norms[i]
+    if len(norms) < 3 or not (settings.outlier_factor or settings.clip_updates):
+        return
+    median = statistics.median(norms.values())
+    for i, norm in norms.items():
+        if settings.outlier_factor and norm > settings.outlier_factor * median:
+            judged[i].reject(
+                f"update norm {norm:.3g} exceeds round.outlier_factor = "
+                f"{settings.outlier_factor:g} x the round's median {median:.3g}"
+            )
+        elif settings.clip_updates and norm > settings.clip_updates * median > 0:
+            j = judged[i]
+            assert j.update is not None and j.assignment is not None
+            content = j.assignment.message.content
+            sent = (
+                from_record(content[ARRAYS_KEY]) if ARRAYS_KEY in content.array_records else adapter
+            )
+            scale = settings.clip_updates * median / norm
+            j.update = {k: sent[k] + scale * (v - sent[k]) for k, v in j.update.items()}
+            j.event["clipped_from_norm"] = norm
 
 
 def apply_round_policy(fed: Federation, rnd: int, judged: list[Judged]) -> None:

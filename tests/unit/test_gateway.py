@@ -445,3 +445,31 @@ def test_dynamic_int8_artifacts_serve_zeroth_and_refuse_backprop(tmp_path, adapt
         assert names["inference_model"] == dynamic.file("inference_model").sha256
     finally:
         gateway.stop(grace=0.1)
+
+
+def test_a_phone_claiming_10_to_the_12_examples_gets_the_server_assigned_weight(
+    gateway, tmp_path, adapter
+):
+    from fedtune.server import round as steps
+    from fedtune.server.grid import NodeInfo
+    from fedtune.strategies import build_strategy
+
+    from .node_grid import federation
+
+    (phone,) = enrolled(gateway, tmp_path)
+    node = node_of(gateway, phone)
+    message = train_message(node, adapter)  # tiny, local_steps=2 and batch_size=2
+    scenario = load_scenario("tiny", ["client.local_steps=2", "client.batch_size=2"])
+    fed = federation(build_strategy("fedavg", {}, 3, 1), scenario, {}, adapter=adapter)
+    fed.grid = DeviceGrid(GatewayGrid(NodeListGrid([]), gateway))
+    fed.grid.nodes = {node: NodeInfo(node, 0)}
+    (assignment,) = steps.assign(fed, 1, [message], adapter)
+    (message_id,) = fed.grid.push_messages([assignment.message])
+    task = phone.check_in().task
+    arrays = {k: v.numpy() + 0.01 for k, v in adapter.items()}
+    assert phone.submit(task, arrays, pb.UpdateMetrics(num_examples=10**12, loss=1.0)).accepted
+    ((_, reply),) = fed.grid.pull_replies([message_id])
+    judged = steps.judge(fed, 1, assignment, reply, adapter, 5.0)
+    assert judged.event["status"] == "ok"
+    assert (judged.event["num_examples"], judged.event["reported_num_examples"]) == (4, 10**12)
+    assert reply.content["metrics"]["num-examples"] == 4  # what the strategy weights by

@@ -64,8 +64,14 @@ def lora_pairs(model: Any) -> list[tuple[str, torch.Tensor, torch.Tensor, float]
     return pairs
 
 
-def write_gguf_lora(model: Any, path: Path, name: str = "fedtune") -> Path:
-    """Write the adapter of PEFT ``model`` as a GGUF LoRA adapter at ``path``."""
+def write_gguf_lora(
+    model: Any, path: Path, name: str = "fedtune", permute_qk: bool | None = None
+) -> Path:
+    """Write the adapter of PEFT ``model`` as a GGUF LoRA adapter at ``path``.
+
+    ``permute_qk=False`` skips Llama's rotary row order: a deliberately wrong file, the
+    control of ``benchmarks/gguf_lora_check.py``.
+    """
     import gguf
     import numpy as np
 
@@ -76,6 +82,7 @@ def write_gguf_lora(model: Any, path: Path, name: str = "fedtune") -> Path:
             f"{', '.join(sorted(GGUF_ARCHS))}): export 'merged' and convert it with llama.cpp"
         )
     arch, permute = GGUF_ARCHS[config.model_type]
+    permute = permute if permute_qk is None else permute_qk and permute
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
     pairs = lora_pairs(model)

@@ -240,6 +240,14 @@ class DeviceClient:
                 time.sleep(min(2**attempt, 10))
         raise AssertionError("unreachable")
 
+    def decline(self, task: pb.Task, reason: str) -> None:
+        """Give the task back (the round counts this device as dropped at once)."""
+        request = pb.DeclineTaskRequest(task_id=task.task_id, round=task.round, reason=reason)
+        try:
+            self.stub.DeclineTask(request, metadata=self.auth, timeout=30)
+        except grpc.RpcError as exc:
+            raise error_of(exc) from None
+
     def run_task(self, task: pb.Task, text: str) -> pb.SubmitUpdateResponse:
         """Download, train, submit: one task."""
         engine = ENGINES.get(task.config.engine)
@@ -291,7 +299,14 @@ class DeviceClient:
                 time.sleep(max(reply.wait.retry_after_seconds, 1) * 0.2)
                 continue
             task = reply.task
-            answer = self.run_task(task, text)
+            try:
+                answer = self.run_task(task, text)
+            except (ValueError, MemoryError, RuntimeError, OSError) as exc:
+                # This device cannot run the task: say so instead of letting the round
+                # wait for it until its deadline (and getting the same task again).
+                log(f"round {task.round}: declined ({type(exc).__name__}: {exc})")
+                self.decline(task, f"{type(exc).__name__}: {exc}")
+                continue
             done += 1
             log(f"round {task.round}: update {'accepted' if answer.accepted else 'refused'}")
         return done

@@ -27,6 +27,12 @@ from fedtune.protocol import PROTOCOL_VERSION
 from fedtune.server.gateway.settings import GatewayAbort, GatewaySettings
 
 
+def printable(text: str, limit: int) -> str:
+    """``text`` safe to log: control characters (newlines that would forge log lines,
+    terminal escapes) replaced by ``?``, at most ``limit`` characters."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
 class TokenBucket:
     """``rate`` calls a second on average, ``burst`` at once."""
 
@@ -127,7 +133,7 @@ class Devices:
                 secret_hash=hashlib.sha256(credential.encode()).digest(),
                 node_id=node_id,
                 client_index=free[0],
-                name=request.device_name[:64],
+                name=printable(request.device_name, 64),
                 bucket=TokenBucket(self.config.rate, self.config.burst),
                 capabilities=request.capabilities,
             )

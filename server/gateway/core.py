@@ -124,5 +124,8 @@ class Gateway:
         """Validate and accept an upload (the whole payload has arrived)."""
         return self.tasks.submit(device, header, payload)
 
+    def decline(self, device: Device, request: pb.DeclineTaskRequest) -> pb.DeclineTaskResponse:
+        return self.tasks.decline(device, request)
+
     def max_update_bytes(self, device: Device, task_id: str) -> int:
         return self.tasks.max_update_bytes(device, task_id)

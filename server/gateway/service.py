@@ -165,6 +165,16 @@ class _Servicer(device_pb2_grpc.DeviceServiceServicer):
             if handle is not None:
                 handle.close()
 
+    async def DeclineTask(  # noqa: N802
+        self, request: pb.DeclineTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeclineTaskResponse:
+        try:
+            device = self.gateway.authenticate(context.invocation_metadata() or ())
+            return self.gateway.decline(device, request)
+        except GatewayAbort as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
     async def SubmitUpdate(  # noqa: N802
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitUpdateResponse:

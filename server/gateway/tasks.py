@@ -26,6 +26,7 @@ from fedtune.ondevice.proto.tensors import to_bundle
 from fedtune.protocol import (
     ARRAYS_KEY,
     CLIENT_INDEX_KEY,
+    DECLINED_REPLY_CODE,
     ERROR_REPLY_CODE,
     INFO_KEY,
     MAX_UPDATE_FACTOR,
@@ -33,7 +34,7 @@ from fedtune.protocol import (
     TrainInstructions,
 )
 from fedtune.server.gateway import translate, validate
-from fedtune.server.gateway.auth import Device
+from fedtune.server.gateway.auth import Device, printable
 from fedtune.server.gateway.settings import KEPT_ADAPTERS, GatewayAbort
 from fedtune.wire import ArraySpec, check_seed_reply, check_update, seeds_from_record
 
@@ -50,6 +51,8 @@ class Task:
     specs: dict[str, tuple[int, ...]]
     open: bool = True
     accepted_key: str = ""
+    accepted_sha256: str = ""
+    """The payload hash accepted under :attr:`accepted_key`: a repeat must match it."""
 
 
 class Tasks:
@@ -217,21 +220,16 @@ class Tasks:
         task = self._task_of(device, header.task_id)
         with self._lock:
             if task.accepted_key and header.idempotency_key == task.accepted_key:
+                if header.sha256 != task.accepted_sha256:
+                    raise GatewayAbort(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        pb.KEY_REUSED,
+                        "this idempotency key was accepted with other content",
+                    )
                 return pb.SubmitUpdateResponse(
                     accepted=True, duplicate=True, message="already accepted"
                 )
-            if not task.open:
-                raise GatewayAbort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    pb.TASK_CLOSED,
-                    "the task is closed (answered, superseded, or the run is over)",
-                )
-            if header.round != task.proto.round:
-                raise GatewayAbort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    pb.TASK_CLOSED,
-                    f"round {header.round} does not match the task's round {task.proto.round}",
-                )
+            self._check_open(task, header.round)
             if not header.idempotency_key:
                 raise GatewayAbort(
                     grpc.StatusCode.INVALID_ARGUMENT, pb.MALFORMED, "no idempotency key"
@@ -251,10 +249,45 @@ class Tasks:
             self._answer(task, Message(Error(ERROR_REPLY_CODE, reason), reply_to=task.message))
             raise
         with self._lock:
-            task.accepted_key = header.idempotency_key
+            task.accepted_key, task.accepted_sha256 = header.idempotency_key, header.sha256
         self._answer(task, reply)
         log(INFO, "Update of device %s for round %d accepted", device.device_id, header.round)
         return pb.SubmitUpdateResponse(accepted=True, duplicate=False, message="accepted")
+
+    @staticmethod
+    def _check_open(task: Task, rnd: int) -> None:
+        """Refuse a call on a closed task, or one naming another round (which leaves the
+        task open: the device read the wrong task, it did not lose this one)."""
+        if not task.open:
+            raise GatewayAbort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                pb.TASK_CLOSED,
+                "the task is closed (answered, declined, superseded, or the run is over)",
+            )
+        if rnd != task.proto.round:
+            raise GatewayAbort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                pb.WRONG_ROUND,
+                f"round {rnd} is not the task's round {task.proto.round}; the task is open",
+            )
+
+    def decline(self, device: Device, request: pb.DeclineTaskRequest) -> pb.DeclineTaskResponse:
+        """Close a task its device gives back; the loop counts the device as dropped."""
+        task = self._task_of(device, request.task_id)
+        reason = printable(request.reason, 200) or "no reason given"
+        with self._lock:
+            self._check_open(task, request.round)
+            task.open = False
+        log(
+            INFO,
+            "Device %s declined its task of round %d: %s",
+            device.device_id,
+            task.proto.round,
+            reason,
+        )
+        declined = Error(DECLINED_REPLY_CODE, f"declined by the device: {reason}")
+        self._answer(task, Message(declined, reply_to=task.message))
+        return pb.DeclineTaskResponse()
 
     def _reply_of(
         self, task: Task, device: Device, header: pb.UpdateHeader, payload: bytes

@@ -23,7 +23,7 @@ from fedtune.ondevice.artifacts import build_artifacts
 from fedtune.ondevice.engines import chunk_text, train_zeroth
 from fedtune.ondevice.proto import device_pb2 as pb
 from fedtune.ondevice.proto.tensors import from_bundle, to_bundle
-from fedtune.protocol import ARRAYS_KEY, CONFIG_KEY
+from fedtune.protocol import ARRAYS_KEY, CONFIG_KEY, DECLINED_REPLY_CODE
 from fedtune.server.gateway import Gateway, GatewaySettings
 from fedtune.server.grid import DeviceGrid, GatewayGrid
 from fedtune.wire import check_seed_reply, check_update, expected_specs, to_record
@@ -222,6 +222,41 @@ def test_a_repeated_submit_with_the_same_key_is_accepted_once(gateway, tmp_path,
     with pytest.raises(DeviceError) as excinfo:
         phone.submit(task, arrays, metrics, key="key-2")
     assert status_and_code(excinfo) == (grpc.StatusCode.FAILED_PRECONDITION, pb.TASK_CLOSED)
+    # The same key with other content is refused, not answered "duplicate".
+    other = {k: v + 1.0 for k, v in arrays.items()}
+    with pytest.raises(DeviceError) as excinfo:
+        phone.submit(task, other, metrics, key="key-1")
+    assert status_and_code(excinfo) == (grpc.StatusCode.ALREADY_EXISTS, pb.KEY_REUSED)
+
+
+def test_a_wrong_round_leaves_the_task_open_and_a_decline_closes_it_at_once(
+    gateway, tmp_path, adapter
+):
+    (phone,) = enrolled(gateway, tmp_path)
+    message_id = gateway.push(train_message(node_of(gateway, phone), adapter, 3))
+    task = phone.check_in().task
+    arrays = {k: v.numpy() for k, v in adapter.items()}
+    stale = pb.Task()
+    stale.CopyFrom(task)
+    stale.round = 2
+    with pytest.raises(DeviceError) as excinfo:
+        phone.submit(stale, arrays, pb.UpdateMetrics(num_examples=4, loss=1.0))
+    assert status_and_code(excinfo) == (grpc.StatusCode.INVALID_ARGUMENT, pb.WRONG_ROUND)
+    assert phone.check_in().task.task_id == task.task_id  # still open: not TASK_CLOSED
+    phone.decline(task, "battery low\nINFO: forged log line")
+    ((_, reply),) = gateway.pull([message_id])
+    assert reply.has_error() and reply.error.code == DECLINED_REPLY_CODE
+    assert "battery low?INFO" in reply.error.reason  # the newline cannot forge a log line
+    assert phone.check_in().WhichOneof("outcome") == "wait"
+    with pytest.raises(DeviceError) as excinfo:
+        phone.decline(task, "again")
+    assert status_and_code(excinfo) == (grpc.StatusCode.FAILED_PRECONDITION, pb.TASK_CLOSED)
+
+
+def test_device_names_are_made_printable(gateway, tmp_path):
+    (phone,) = enrolled(gateway, tmp_path, ("evil\nINFO: admin enrolled\x1b[2J",))
+    (device,) = gateway.devices.values()
+    assert device.name == "evil?INFO: admin enrolled?[2J" and device.name.isprintable()
 
 
 @pytest.mark.parametrize(

@@ -35,6 +35,8 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MALFORMED: _ClassVar[ErrorCode]
     CHECKSUM_MISMATCH: _ClassVar[ErrorCode]
     BAD_UPDATE: _ClassVar[ErrorCode]
+    WRONG_ROUND: _ClassVar[ErrorCode]
+    KEY_REUSED: _ClassVar[ErrorCode]
 NETWORK_UNSPECIFIED: Network
 NETWORK_UNMETERED: Network
 NETWORK_METERED: Network
@@ -55,6 +57,8 @@ TASK_CLOSED: ErrorCode
 MALFORMED: ErrorCode
 CHECKSUM_MISMATCH: ErrorCode
 BAD_UPDATE: ErrorCode
+WRONG_ROUND: ErrorCode
+KEY_REUSED: ErrorCode
 
 class Capabilities(_message.Message):
     __slots__ = ("ram_bytes", "runtimes", "engines", "charging", "network", "platform")
@@ -265,6 +269,20 @@ class UpdateChunk(_message.Message):
     header: UpdateHeader
     data: bytes
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DeclineTaskRequest(_message.Message):
+    __slots__ = ("task_id", "round", "reason")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    round: int
+    reason: str
+    def __init__(self, task_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeclineTaskResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class SubmitUpdateResponse(_message.Message):
     __slots__ = ("accepted", "duplicate", "message")

@@ -54,6 +54,11 @@ class DeviceServiceStub:
                 request_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.UpdateChunk.SerializeToString,
                 response_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.SubmitUpdateResponse.FromString,
                 _registered_method=True)
+        self.DeclineTask = channel.unary_unary(
+                '/fedtune.device.v1.DeviceService/DeclineTask',
+                request_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.DeclineTaskRequest.SerializeToString,
+                response_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.DeclineTaskResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -87,6 +92,15 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeclineTask(self, request, context):
+        """Give a task back: the device cannot or will not run it (low battery, out of
+        memory, a failed step). The task closes at once and the round counts the device
+        as dropped, instead of waiting for it until the deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +123,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.UpdateChunk.FromString,
                     response_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.SubmitUpdateResponse.SerializeToString,
+            ),
+            'DeclineTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeclineTask,
+                    request_deserializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.DeclineTaskRequest.FromString,
+                    response_serializer=fedtune_dot_ondevice_dot_proto_dot_device__pb2.DeclineTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +238,33 @@ class DeviceService:
             '/fedtune.device.v1.DeviceService/SubmitUpdate',
             fedtune_dot_ondevice_dot_proto_dot_device__pb2.UpdateChunk.SerializeToString,
             fedtune_dot_ondevice_dot_proto_dot_device__pb2.SubmitUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeclineTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedtune.device.v1.DeviceService/DeclineTask',
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.DeclineTaskRequest.SerializeToString,
+            fedtune_dot_ondevice_dot_proto_dot_device__pb2.DeclineTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,11 +36,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def _outcome(summary: dict, run_dir: Path) -> int:
     print(
-        f"held-out perplexity: {summary['initial_perplexity']:.3f} before round 1 -> "
-        f"{summary['final_perplexity']:.3f} after round {summary['rounds_completed']}"
+        f"held-out perplexity: {_perplexity(summary.get('initial_perplexity'))} before round 1 "
+        f"-> {_perplexity(summary.get('final_perplexity'))} after round "
+        f"{summary.get('rounds_completed')}"
     )
     print(f"run folder: {run_dir}  (adapter in {run_dir / 'adapter'})")
     return 0
+
+
+def _perplexity(value: object) -> str:
+    """A perplexity for the screen; the summary holds null where it was not finite."""
+    return f"{value:.3f}" if isinstance(value, int | float) else "not finite"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -404,3 +404,13 @@ def test_a_damaged_middle_event_line_names_file_and_line(tmp_path, capsys):
     path.write_text("\n".join(lines) + "\n")
     line = one_error(capsys, ["report", str(tmp_path)])
     assert "metrics.jsonl:2: not a JSON event" in line
+
+
+def test_the_cli_reports_a_run_whose_final_perplexity_is_not_finite(tmp_path, capsys):
+    """The summary writes a non-finite perplexity as null; the command used to crash
+    formatting it after the run had ended."""
+    from fedtune.cli import _outcome
+
+    summary = {"initial_perplexity": 10.0, "final_perplexity": None, "rounds_completed": 3}
+    assert _outcome(summary, tmp_path) == 0
+    assert "10.000 before round 1 -> not finite after round 3" in capsys.readouterr().out

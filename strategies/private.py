@@ -216,9 +216,7 @@ class PrivateAggregation(Strategy):
             denominator = self.mean_over
             self._spend()
             if self.adaptive is not None:  # the bound of the next round, from a noisy count
-                noisy = unclipped + self.adaptive.count_std * float(
-                    torch.randn(1, generator=generator)
-                )
+                noisy = unclipped + self.adaptive.count_std * float(generator.normal((1,))[0])
                 self.clip = next_clip(
                     self.clip,
                     noisy / self.mean_over,

@@ -11,18 +11,22 @@ Private Learning with Adaptive Clipping", NeurIPS 2021 (arXiv:1905.03871): ``C``
 a target quantile of the update norms, ``C <- C exp(-lr (b - target))`` where ``b`` is
 the noisy fraction of updates that were *not* clipped.
 
-Pure functions over ``dict[str, torch.Tensor]``, no I/O. Noise comes from a generator
-seeded by the operating system, never from ``run.seed``: noise anyone could regenerate
-from the published scenario could be subtracted again.
+Pure functions over ``dict[str, torch.Tensor]``, no I/O. Noise comes from
+:class:`SecureNoise`, a cryptographically secure stream keyed by the operating system,
+never from ``run.seed``: noise anyone could regenerate from the published scenario — or
+predict from a Mersenne Twister's outputs — could be subtracted again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import secrets
+import os
 from collections.abc import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from fedtune.engines.seeds import SeedStep
 
@@ -54,12 +58,43 @@ def clip(update: Mapping[str, torch.Tensor], bound: float) -> tuple[Update, bool
     return {k: (v.to(torch.float64) * factor).to(v.dtype) for k, v in update.items()}, False
 
 
-def add_noise(update: Mapping[str, torch.Tensor], std: float, generator: torch.Generator) -> Update:
+class SecureNoise:
+    """Standard normal samples from a cryptographically secure pseudo-random stream.
+
+    The stream is ChaCha20's keystream (the ``cryptography`` package, OpenSSL) under a
+    256-bit key from ``os.urandom``: unlike torch's or NumPy's Mersenne Twister, its
+    outputs reveal nothing about later ones (Opacus' secure mode makes the same choice
+    with torchcsprng). Uniforms of 53 bits become normals by the Box-Muller transform,
+    in float64. Floating-point noise remains open to the attacks on its low-order bits
+    that Mironov (CCS 2012) describes for the Laplace mechanism; fedtune does not defend
+    against them.
+
+    ``seed`` derives the key from a number: for tests only, never for a real run.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        key = os.urandom(32) if seed is None else hashlib.sha256(b"fedtune-dp-%d" % seed).digest()
+        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+
+    def uniform(self, count: int) -> np.ndarray:
+        """``count`` floats, uniform in (0, 1)."""
+        words = np.frombuffer(self._stream.update(bytes(8 * count)), dtype=np.uint64)
+        return ((words >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+
+    def normal(self, shape: Sequence[int] | torch.Size) -> torch.Tensor:
+        """Independent ``N(0, 1)`` samples of ``shape`` (float64)."""
+        count = math.prod(shape)
+        half = (count + 1) // 2
+        u1, u2 = self.uniform(half), self.uniform(half)
+        radius = np.sqrt(-2.0 * np.log(u1))
+        angle = 2.0 * math.pi * u2
+        values = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+        return torch.from_numpy(values).reshape(tuple(shape))
+
+
+def add_noise(update: Mapping[str, torch.Tensor], std: float, noise: SecureNoise) -> Update:
     """``update`` plus independent ``N(0, std^2)`` on every value."""
-    return {
-        k: v + std * torch.randn(v.shape, generator=generator, dtype=v.dtype)
-        for k, v in update.items()
-    }
+    return {k: v + (std * noise.normal(v.shape)).to(v.dtype) for k, v in update.items()}
 
 
 def add(updates: Sequence[Mapping[str, torch.Tensor]]) -> Update:
@@ -71,9 +106,9 @@ def add(updates: Sequence[Mapping[str, torch.Tensor]]) -> Update:
     return total
 
 
-def secret_generator() -> torch.Generator:
-    """A torch generator seeded from the operating system's randomness."""
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def secret_generator() -> SecureNoise:
+    """A noise source keyed from the operating system's randomness."""
+    return SecureNoise()
 
 
 def next_clip(bound: float, unclipped_fraction: float, target_quantile: float, lr: float) -> float:
@@ -86,7 +121,7 @@ def next_clip(bound: float, unclipped_fraction: float, target_quantile: float, l
 
 
 def privatize_seed_steps(
-    steps: Sequence[SeedStep], bound: float, noise_multiplier: float, generator: torch.Generator
+    steps: Sequence[SeedStep], bound: float, noise_multiplier: float, generator: SecureNoise
 ) -> list[SeedStep]:
     """Local DP for a seed-only (zeroth-order) update: clip and noise its scalars.
 

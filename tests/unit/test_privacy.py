@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import dp_accounting
+import numpy as np
 import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
@@ -20,6 +21,7 @@ from fedtune.config import load_scenario
 from fedtune.errors import ConfigError
 from fedtune.privacy.accounting import Accountant
 from fedtune.privacy.clipping import (
+    SecureNoise,
     add_noise,
     clip,
     l2_norm,
@@ -76,11 +78,24 @@ def test_every_clipped_update_has_norm_within_the_bound(norm):
             assert all(torch.equal(clipped[k], update[k]) for k in update)
 
 
-def test_noise_has_the_asked_standard_deviation_and_fresh_seeds():
+def test_noise_has_the_asked_standard_deviation_and_fresh_keys():
     zeros = {"x": torch.zeros(100_000)}
     noisy = add_noise(zeros, 0.5, secret_generator())["x"]
-    assert abs(noisy.std().item() - 0.5) < 0.01
+    assert abs(noisy.std().item() - 0.5) < 0.01 and abs(noisy.mean().item()) < 0.01
     assert not torch.equal(noisy, add_noise(zeros, 0.5, secret_generator())["x"])
+
+
+def test_the_noise_source_is_a_chacha20_stream_and_seedable_only_on_purpose():
+    from scipy import stats
+
+    # Normal by a Kolmogorov-Smirnov test, and the same stream for the same test seed.
+    sample = SecureNoise(seed=7).normal((4001,)).numpy()
+    assert stats.kstest(sample, "norm").pvalue > 1e-3
+    assert np.array_equal(sample, SecureNoise(seed=7).normal((4001,)).numpy())
+    assert not np.array_equal(sample, SecureNoise(seed=8).normal((4001,)).numpy())
+    # Uniforms are 53-bit floats strictly inside (0, 1): log(u) is always finite.
+    uniforms = SecureNoise().uniform(100_000)
+    assert 0.0 < uniforms.min() and uniforms.max() < 1.0
 
 
 def test_adaptive_bound_grows_when_updates_are_clipped_and_shrinks_when_not():

@@ -467,7 +467,12 @@ class GatewayConfig:
     port: int = 9300
     """Port to listen on (0: any free port, written to ``gateway.json`` in the run folder)."""
     token: str = ""
-    """Enrollment token phones present once for a device id and credential (required)."""
+    """Enrollment token phones present once for a device id and credential (required
+    unless ``device_tokens`` is given). Anyone holding it may enroll until the run's
+    device slots are taken: prefer ``device_tokens`` on an open network."""
+    device_tokens: str = ""
+    """A file of one-time enrollment tokens, one per line (at least 8 characters each):
+    each enrolls one device, once, so a leaked token costs one slot, not all."""
     first_client: int = 0
     """Client index of the first phone to enroll; the next get the following indices."""
     max_devices: int = 0
@@ -492,9 +497,10 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, "gateway.port", "must be in [0, 65535]")
         _check(
-            not self.enabled or len(self.token) >= 8,
+            not self.enabled or len(self.token) >= 8 or bool(self.device_tokens),
             "gateway.token",
-            "must be at least 8 characters when the gateway is enabled",
+            "must be at least 8 characters when the gateway is enabled (or give "
+            "gateway.device_tokens)",
         )
         _between(self.first_client, 0, MAX_CLIENTS, "gateway.first_client")
         _between(self.max_devices, 0, MAX_CLIENTS, "gateway.max_devices")

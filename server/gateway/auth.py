@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,6 +26,26 @@ from flwr.common.logger import log
 from fedtune.ondevice.proto import device_pb2 as pb
 from fedtune.protocol import PROTOCOL_VERSION
 from fedtune.server.gateway.settings import GatewayAbort, GatewaySettings
+
+
+def _read_tokens(path: str) -> set[bytes]:
+    """The SHA-256 of each token in ``path`` (one per line; blank lines and ``#``
+    comments skipped); the clear tokens are not kept."""
+    if not path:
+        return set()
+    from fedtune.errors import ConfigError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"'gateway.device_tokens': cannot read {path}: {exc}") from None
+    tokens = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    short = [i for i, t in enumerate(tokens) if len(t) < 8]
+    if not tokens or short:
+        raise ConfigError(
+            f"'gateway.device_tokens': {path} needs one token of 8 or more characters a line"
+        )
+    return {hashlib.sha256(t.encode()).digest() for t in tokens}
 
 
 def printable(text: str, limit: int) -> str:
@@ -71,7 +92,11 @@ class Devices:
         self.settings = settings
         self.config = settings.config
         self._lock = threading.Lock()
-        self._token = hashlib.sha256(self.config.token.encode()).digest()
+        self._token = (
+            hashlib.sha256(self.config.token.encode()).digest() if self.config.token else None
+        )
+        self._one_time = _read_tokens(self.config.device_tokens)
+        """SHA-256 of each unused one-time token (``gateway.device_tokens``)."""
         self.by_id: dict[str, Device] = {}
         self._by_node: dict[int, Device] = {}
         self._enroll_buckets: dict[str, TokenBucket] = {}
@@ -110,10 +135,16 @@ class Devices:
                 f"(this gateway speaks {PROTOCOL_VERSION})",
             )
         presented = hashlib.sha256(request.enrollment_token.encode()).digest()
-        if not hmac.compare_digest(presented, self._token):
-            log(WARNING, "Enrollment with a wrong token from %s", peer)
+        shared = self._token is not None and hmac.compare_digest(presented, self._token)
+        with self._lock:
+            # Compared in constant time against each one-time token: no early exit.
+            one_time = [t for t in self._one_time if hmac.compare_digest(presented, t)]
+        if not shared and not one_time:
+            log(WARNING, "Enrollment with a wrong or used token from %s", peer)
             raise GatewayAbort(
-                grpc.StatusCode.UNAUTHENTICATED, pb.BAD_ENROLLMENT_TOKEN, "wrong enrollment token"
+                grpc.StatusCode.UNAUTHENTICATED,
+                pb.BAD_ENROLLMENT_TOKEN,
+                "wrong enrollment token (or a one-time token already used)",
             )
         credential = secrets.token_urlsafe(32)
         with self._lock:
@@ -137,6 +168,14 @@ class Devices:
                 bucket=TokenBucket(self.config.rate, self.config.burst),
                 capabilities=request.capabilities,
             )
+            if one_time and not shared:
+                if one_time[0] not in self._one_time:  # a concurrent enrollment took it
+                    raise GatewayAbort(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        pb.BAD_ENROLLMENT_TOKEN,
+                        "wrong enrollment token (or a one-time token already used)",
+                    )
+                self._one_time.discard(one_time[0])
             self.by_id[device.device_id] = device
             self._by_node[node_id] = device
         log(

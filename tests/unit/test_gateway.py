@@ -58,8 +58,8 @@ def text():
 
 
 def start(artifacts, **overrides):
-    settings = {"max_chunk_kb": 64, "rate": 200.0, "burst": 200, **overrides}
-    config = GatewayConfig(enabled=True, port=0, token=TOKEN, **settings)
+    settings = {"max_chunk_kb": 64, "rate": 200.0, "burst": 200, "token": TOKEN, **overrides}
+    config = GatewayConfig(enabled=True, port=0, **settings)
     gateway = Gateway(GatewaySettings(config, client_indices=(0, 1, 2)), artifacts)
     gateway.start()
     return gateway
@@ -508,3 +508,23 @@ def test_a_phone_claiming_10_to_the_12_examples_gets_the_server_assigned_weight(
     assert judged.event["status"] == "ok"
     assert (judged.event["num_examples"], judged.event["reported_num_examples"]) == (4, 10**12)
     assert reply.content["metrics"]["num-examples"] == 4  # what the strategy weights by
+
+
+def test_one_time_device_tokens_each_enroll_one_device(artifacts, tmp_path):
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("# one per phone\nphone-one-token\nphone-two-token\n")
+    gateway = start(artifacts, token="", device_tokens=str(tokens))
+    try:
+        first = DeviceClient(f"127.0.0.1:{gateway.port}", "phone-one-token", tmp_path / "1")
+        first.enroll()
+        again = DeviceClient(f"127.0.0.1:{gateway.port}", "phone-one-token", tmp_path / "2")
+        with pytest.raises(DeviceError) as excinfo:  # a leaked token costs one slot only
+            again.enroll()
+        assert status_and_code(excinfo) == (
+            grpc.StatusCode.UNAUTHENTICATED,
+            pb.BAD_ENROLLMENT_TOKEN,
+        )
+        DeviceClient(f"127.0.0.1:{gateway.port}", "phone-two-token", tmp_path / "3").enroll()
+        assert len(gateway.devices) == 2
+    finally:
+        gateway.stop(grace=0.1)

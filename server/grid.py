@@ -84,6 +84,8 @@ class DeviceGrid(WrappedGrid):
         """Nodes eligible this round (None: all); set by the loop from device tiers."""
         self.arrival: dict[int, float] = {}
         """Seconds from sending to each reply, by source node (the last ``collect``)."""
+        self.message_ids: dict[int, str] = {}
+        """The id of the last message each node was sent."""
 
     def get_node_ids(self) -> Iterable[int]:
         """Known (and, if set, available) nodes, in client order: stable across runs."""
@@ -91,7 +93,12 @@ class DeviceGrid(WrappedGrid):
         return [n.node_id for n in nodes if self.available is None or n.node_id in self.available]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
+        messages = list(messages)
+        ids = list(self._grid.push_messages(messages))
+        self.message_ids.update(
+            (m.metadata.dst_node_id, mid) for m, mid in zip(messages, ids, strict=True)
+        )
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
@@ -104,6 +111,15 @@ class DeviceGrid(WrappedGrid):
     # -- fedtune additions -------------------------------------------------------
     def client_index(self, node_id: int) -> int:
         return self.nodes[node_id].client_index
+
+    def measured_transfer(self, node_id: int) -> tuple[int, int] | None:
+        """(bytes down, bytes up) a phone moved for the last message sent to it, as the
+        device gateway counted them; None for a Flower node (its records are measured)."""
+        inner = self._grid
+        message_id = self.message_ids.get(node_id)
+        if isinstance(inner, GatewayGrid) and message_id and inner.gateway.owns_node(node_id):
+            return inner.gateway.transfer(message_id)
+        return None
 
     def discover(self, expected: int, population: int, timeout: float) -> dict[int, NodeInfo]:
         """Wait for ``expected`` nodes, ask each which client it is, keep the valid ones.
@@ -164,7 +180,7 @@ class DeviceGrid(WrappedGrid):
         The result is aligned with ``messages``: the reply to each, or None when none
         came by the deadline. Replies to anything else, and duplicates, are ignored.
         """
-        ids = list(self._grid.push_messages(messages))
+        ids = list(self.push_messages(messages))
         pending = set(ids)
         self.arrival = {}
         started = time.monotonic()

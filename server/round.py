@@ -288,8 +288,24 @@ def judge(
 
     Seed steps are replayed on the adapter sent, so strategies always receive adapters.
     A reply for another round, an error reply or a malformed update is ``rejected`` with
-    the reason; no reply is ``dropped``.
+    the reason; no reply is ``dropped``. A phone's bytes are what the gateway served and
+    received for its task (artifacts included), not the size of the Flower records.
     """
+    judged = _judge(fed, rnd, assignment, reply, adapter, wait)
+    measured = fed.grid.measured_transfer(assignment.node)
+    if measured is not None:
+        judged.event["bytes_down"], judged.event["bytes_up"] = measured
+    return judged
+
+
+def _judge(
+    fed: Federation,
+    rnd: int,
+    assignment: Assignment,
+    reply: Message | None,
+    adapter: AdapterState,
+    wait: float,
+) -> Judged:
     event = new_event(fed, rnd, assignment, assignment.bytes_down)
     if reply is None:
         event.update(status="dropped", reason=f"no reply within {wait} s", bytes_up=0)

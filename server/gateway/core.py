@@ -81,6 +81,11 @@ class Gateway:
             raise KeyError(f"node {message.metadata.dst_node_id} is not an enrolled phone")
         return self.tasks.push(message, device)
 
+    def transfer(self, message_id: str) -> tuple[int, int] | None:
+        """(bytes down, bytes up) a phone moved for the message ``message_id``, as the
+        gateway served and received them (None: not a phone's task)."""
+        return self.tasks.transfer(message_id)
+
     def pull(self, message_ids: Sequence[str]) -> list[tuple[str, Message]]:
         """Replies that arrived, each with the message id it answers."""
         return self.tasks.pull(message_ids)

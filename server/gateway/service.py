@@ -134,7 +134,7 @@ class _Servicer(device_pb2_grpc.DeviceServiceServicer):
         self, request: pb.GetArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ArtifactChunk]:
         try:
-            self.gateway.authenticate(context.invocation_metadata() or ())
+            device = self.gateway.authenticate(context.invocation_metadata() or ())
             source, size = self.gateway.artifact(request.artifact_id)
             if request.offset > size:
                 raise GatewayAbort(
@@ -155,9 +155,11 @@ class _Servicer(device_pb2_grpc.DeviceServiceServicer):
                     data = source[offset : offset + ARTIFACT_CHUNK]  # type: ignore[index]
                 else:
                     data = handle.read(ARTIFACT_CHUNK)
-                yield pb.ArtifactChunk(
+                chunk = pb.ArtifactChunk(
                     offset=offset, data=data, total_size=size, sha256=request.artifact_id
                 )
+                yield chunk
+                self.gateway.tasks.count(device, down=chunk.ByteSize())
                 offset += len(data)
                 if not data:
                     break
@@ -230,6 +232,7 @@ class _Servicer(device_pb2_grpc.DeviceServiceServicer):
                     pb.MALFORMED,
                     f"{received} bytes arrived, the header announced {header.total_size}",
                 )
+            gateway.tasks.count(device, up=header.ByteSize() + received)
             return gateway.submit(device, header, b"".join(parts))
         except GatewayAbort as exc:
             await self._abort(context, exc)

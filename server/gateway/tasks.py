@@ -53,6 +53,10 @@ class Task:
     accepted_key: str = ""
     accepted_sha256: str = ""
     """The payload hash accepted under :attr:`accepted_key`: a repeat must match it."""
+    bytes_down: int = 0
+    """What the device downloaded while this was its task (artifacts and adapter,
+    measured by the gateway as served: the phone's own count is not asked)."""
+    bytes_up: int = 0
 
 
 class Tasks:
@@ -185,6 +189,22 @@ class Tasks:
         except CatchUpError as exc:
             raise ValueError(f"{exc} in the gateway") from None
         return {k: v.numpy() for k, v in state.items()}
+
+    def count(self, device: Device, down: int = 0, up: int = 0) -> None:
+        """Add bytes the device moved to its current task (the newest one)."""
+        with self._lock:
+            current = [t for t in self.by_id.values() if t.device_id == device.device_id]
+            if current:
+                current[-1].bytes_down += down
+                current[-1].bytes_up += up
+
+    def transfer(self, message_id: str) -> tuple[int, int] | None:
+        """(bytes down, bytes up) the device moved for the task of ``message_id``."""
+        with self._lock:
+            for task in self.by_id.values():
+                if task.message_id == message_id:
+                    return task.bytes_down, task.bytes_up
+        return None
 
     # -- the phone's side -------------------------------------------------------------
     def check_in(self, device: Device) -> pb.Task | None:

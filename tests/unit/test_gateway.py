@@ -501,6 +501,7 @@ def test_a_phone_claiming_10_to_the_12_examples_gets_the_server_assigned_weight(
     (assignment,) = steps.assign(fed, 1, [message], adapter)
     (message_id,) = fed.grid.push_messages([assignment.message])
     task = phone.check_in().task
+    downloaded = sum(phone.fetch(ref).stat().st_size for ref in task.artifacts)
     arrays = {k: v.numpy() + 0.01 for k, v in adapter.items()}
     assert phone.submit(task, arrays, pb.UpdateMetrics(num_examples=10**12, loss=1.0)).accepted
     ((_, reply),) = fed.grid.pull_replies([message_id])
@@ -508,6 +509,10 @@ def test_a_phone_claiming_10_to_the_12_examples_gets_the_server_assigned_weight(
     assert judged.event["status"] == "ok"
     assert (judged.event["num_examples"], judged.event["reported_num_examples"]) == (4, 10**12)
     assert reply.content["metrics"]["num-examples"] == 4  # what the strategy weights by
+    # Bytes are what the phone moved (artifacts and adapter), counted by the gateway.
+    uploaded = sum(v.nbytes for v in arrays.values())
+    assert downloaded <= judged.event["bytes_down"] <= downloaded * 1.01 + 4096
+    assert uploaded <= judged.event["bytes_up"] <= uploaded + 4096
 
 
 def test_one_time_device_tokens_each_enroll_one_device(artifacts, tmp_path):

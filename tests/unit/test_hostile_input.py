@@ -167,8 +167,17 @@ CASES: dict[str, tuple[Setup, list[str]]] = {
 }
 
 
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """Pay the first import of torch, transformers and flwr (20-40 s on a loaded machine)
+    once, outside the timed cases: a preflight that fails on its data, after the
+    model's checks."""
+    out = tmp_path_factory.mktemp("warm") / "run"
+    assert main(["simulate", "tiny", "--set", "data.min_chars=100000000", "--out", str(out)]) == 2
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_error_line_and_exit_2(case, tmp_path, capsys):
+def test_bad_input_is_one_error_line_and_exit_2(case, tmp_path, capsys, warm):
     setup, needles = CASES[case]
     argv = setup(tmp_path)
     out = tmp_path / "run"

@@ -31,13 +31,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
-# (row label, gateway.artifact_int8, engine): the artifacts a phone downloads for it.
+# ORT's defaults (what the client used before issue 14) and a phone's settings
+# (fedtune.ondevice.engines.PHONE); a lever row turns one phone setting back on.
+DEFAULTS = {
+    "arena": True,
+    "memory_pattern": True,
+    "optimize_training": True,
+    "mmap_threshold": 0,
+}
+PHONE: dict = {}
+# (row label, gateway.artifact_int8, engine, session settings): what a phone downloads
+# and how it opens it. The first row of each engine is the reference (fp32 artifacts,
+# ORT's default session) for losses and step time.
 VARIANTS = [
-    ("training, fp32", "none", "backprop"),
-    ("training, int8 weights", "weights", "backprop"),
-    ("inference, fp32", "none", "zeroth"),
-    ("inference, int8 weights", "weights", "zeroth"),
-    ("inference, int8 dynamic", "dynamic", "zeroth"),
+    ("training, fp32, ORT defaults", "none", "backprop", DEFAULTS),
+    ("training, fp32, phone session", "none", "backprop", PHONE),
+    ("training, int8 weights, phone session", "int4", "backprop", PHONE),
+    ("  lever off: arena on", "int4", "backprop", {"arena": True}),
+    ("  lever off: memory pattern on", "int4", "backprop", {"memory_pattern": True}),
+    ("  lever off: graph optimizations on", "int4", "backprop", {"optimize_training": True}),
+    ("  lever off: glibc's default mmap threshold", "int4", "backprop", {"mmap_threshold": 0}),
+    ("inference, fp32, ORT defaults", "none", "zeroth", DEFAULTS),
+    ("inference, fp32, phone session", "none", "zeroth", PHONE),
+    ("inference, int8 weights, phone session", "weights", "zeroth", PHONE),
+    ("inference, int4 MatMulNBits, phone session", "int4", "zeroth", PHONE),
+    ("  lever off: arena on", "int4", "zeroth", {"arena": True}),
+    ("  lever off: memory pattern on", "int4", "zeroth", {"memory_pattern": True}),
+    ("  lever off: glibc's default mmap threshold", "int4", "zeroth", {"mmap_threshold": 0}),
+    ("inference, int8 dynamic, phone session", "dynamic", "zeroth", PHONE),
 ]
 FILES = {
     "backprop": ("training_model", "eval_model", "optimizer_model", "checkpoint"),
@@ -50,7 +71,7 @@ def child(spec: dict) -> dict:
     import numpy as np
 
     from fedtune.metrics import peak_rss_mb
-    from fedtune.ondevice.engines import ENGINES, chunk_text, read_text
+    from fedtune.ondevice.engines import ENGINES, SessionSettings, chunk_text, read_text
     from fedtune.ondevice.proto import device_pb2 as pb
 
     paths = {name: Path(p) for name, p in spec["paths"].items()}
@@ -75,7 +96,8 @@ def child(spec: dict) -> dict:
         run_seed=0,
         num_seeds=4096,
     )
-    result = ENGINES[spec["engine"]](paths, adapter, specs, chunks, config)
+    settings = SessionSettings(**spec["settings"])
+    result = ENGINES[spec["engine"]](paths, adapter, specs, chunks, config, settings)
     walls = [w for w, _ in result.step_seconds]
     cpus = [c for _, c in result.step_seconds]
     return {
@@ -99,14 +121,14 @@ def shakespeare_text(folder: Path, min_chars: int) -> Path:
     return path
 
 
-def build(model: str, cache: Path) -> dict[str, dict]:
-    """Build the three artifact sets; per int8 mode its files, sizes and build seconds."""
+def build(model: str, cache: Path, modes: list[str]) -> dict[str, dict]:
+    """Build the artifact sets of ``modes``; per mode its files, sizes and build seconds."""
     from fedtune.config import LoraConfig
     from fedtune.ondevice.artifacts import build_artifacts
 
     lora = LoraConfig(r=8, alpha=16, dropout=0.0, targets=("q_proj", "v_proj"))
     built = {}
-    for int8 in ("none", "weights", "dynamic"):
+    for int8 in modes:
         started = time.perf_counter()
         artifacts = build_artifacts(model, 0, lora, cache=cache, int8=int8)
         seconds = time.perf_counter() - started
@@ -123,21 +145,62 @@ def build(model: str, cache: Path) -> dict[str, dict]:
 
 
 def table(rows: list[dict]) -> str:
+    """One row per variant; time and losses against the engine's reference row (the
+    fp32 artifacts in ORT's default session), measured in the same run."""
     lines = [
-        "| artifacts | engine | files MB | total MB | build s | set-up s | wall s/step "
-        "(median) | CPU s/step (median) | peak RSS MiB | first-step loss |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| artifacts, session | engine | files MB | set-up s | wall s/step (median) | "
+        "CPU s/step (median) | x reference CPU | peak RSS MiB | saved vs the row above "
+        "MiB | first-step loss | max |loss - reference| (5 steps) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    reference: dict[str, dict] = {}
+    previous: dict | None = None
     for r in rows:
-        files = " + ".join(f"{r['sizes'][n] / MB:.1f}" for n in FILES[r["engine"]])
+        ref = reference.setdefault(r["engine"], r)
         wall, cpu = statistics.median(r["step_wall_s"]), statistics.median(r["step_cpu_s"])
-        lines.append(
-            f"| {r['label']} | {r['engine']} | {files} | {r['total_mb']:.1f} | "
-            f"{r['build_s']:.1f} | {r['setup_s']:.1f} | {wall:.2f} | {cpu:.2f} | "
-            f"{r['peak_rss_mib']:.0f} | "
-            f"{r['losses'][0]:.4f} |"
+        ratio = cpu / statistics.median(ref["step_cpu_s"])
+        drift = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"], strict=True))
+        lever = r["label"].startswith("  ")
+        above = previous if previous is not None and previous["engine"] == r["engine"] else r
+        saved = (
+            r["peak_rss_mib"] - above["peak_rss_mib"]
+            if lever
+            else above["peak_rss_mib"] - r["peak_rss_mib"]
         )
+        lines.append(
+            f"| {r['label'].strip()} | {r['engine']} | {r['total_mb']:.1f} | "
+            f"{r['setup_s']:.1f} | "
+            f"{wall:.2f} | {cpu:.2f} | {ratio:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"{saved:+.0f} | {r['losses'][0]:.4f} | {drift:.4f} |"
+        )
+        if not lever:
+            previous = r
     return "\n".join(lines)
+
+
+def footprints(rows: list[dict], model: str, lora: dict, batch: int, seq_len: int) -> list[dict]:
+    """The phone-session rows as the fleet's footprint table (fedtune.ondevice.footprint)."""
+    kinds = {"none": "none", "weights": "int8", "int4": "int4", "dynamic": "int8-dynamic"}
+    out = []
+    for r in rows:
+        if "phone session" not in r["label"]:
+            continue
+        training = r["engine"] == "backprop"
+        out.append(
+            {
+                "model": model,
+                "lora_r": lora["r"],
+                "lora_targets": lora["targets"],
+                "engine": r["engine"],
+                "artifact": "training" if training else "inference",
+                # the training artifacts of int4 sets keep int8 weights (no 4-bit gradient)
+                "quantization": "int8" if training and r["int8"] == "int4" else kinds[r["int8"]],
+                "batch_size": batch,
+                "seq_len": seq_len,
+                "peak_rss_mib": round(r["peak_rss_mib"]),
+            }
+        )
+    return out
 
 
 def main() -> None:
@@ -147,6 +210,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--cache", type=Path, default=None, help="artifact cache (default: new)")
+    parser.add_argument(
+        "--write-footprints", action="store_true", help="update the shipped footprint table"
+    )
+    parser.add_argument("--engine", default="", help="run only this engine's rows")
+    parser.add_argument("--modes", default="", help="only these artifact_int8 modes (a,b)")
+    parser.add_argument("--only", default="", help="run only the rows whose label has this")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -157,9 +226,16 @@ def main() -> None:
         folder = Path(tmp)
         cache = args.cache or folder / "artifacts"
         data = shakespeare_text(folder, 20_000)
-        built = build(args.model, cache)
+        variants = [
+            v
+            for v in VARIANTS
+            if (not args.only or args.only in v[0])
+            and (not args.engine or v[2] == args.engine)
+            and (not args.modes or v[1] in args.modes.split(","))
+        ]
+        built = build(args.model, cache, sorted({v[1] for v in variants}))
         rows = []
-        for label, int8, engine in VARIANTS:
+        for label, int8, engine, settings in variants:
             b = built[int8]
             spec = {
                 "paths": b["paths"],
@@ -171,6 +247,7 @@ def main() -> None:
                 "seq_len": args.seq_len,
                 "lr": 2e-3 if engine == "backprop" else 1e-3,
                 "eps": 1e-2,
+                "settings": settings,
             }
             out = subprocess.run(
                 [sys.executable, __file__, "--child", json.dumps(spec)],
@@ -197,8 +274,16 @@ def main() -> None:
             print(f"{label}: {json.dumps(measured)}", file=sys.stderr)
     print(json.dumps(rows, indent=1))
     print()
-    print(f"tokenizer.json: {built['none']['sizes']['tokenizer'] / MB:.1f} MB (every variant)")
+    some = next(iter(built.values()))
+    print(f"tokenizer.json: {some['sizes']['tokenizer'] / MB:.1f} MB (every variant)")
     print(table(rows))
+    if args.write_footprints:
+        from fedtune.ondevice.footprint import write_measured
+
+        lora = {"r": 8, "targets": ["q_proj", "v_proj"]}
+        measured = footprints(rows, args.model, lora, args.batch_size, args.seq_len)
+        path = write_measured(measured)
+        print(f"footprints: {len(measured)} rows -> {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -52,11 +52,20 @@ TRAINING_FILES = {
     "checkpoint": "checkpoint",
 }
 INFERENCE_FILE = "inference_model.onnx"
+TRAINING_LOSS_CHUNKS = 8
+"""Token slices of the training graph's loss: a slice's logits live only while its
+loss and, recomputed, its gradient are computed."""
+INFERENCE_LOSS_CHUNKS = 8
+"""Token slices of the quantized inference graphs' loss. Each slice's head is its own
+node, and ONNX Runtime prepacks a constant weight once per node: more slices mean
+smaller logits but more packed copies of a 4-bit head (~17 MB each for SmolLM2's
+``MatMulNBits``), and of an fp32 one 113 MB each, so the fp32 graph keeps one."""
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-"""Bumped whenever the build changes what it writes (part of the cache key)."""
-INT8_MODES = ("none", "weights", "dynamic")
+FORMAT_VERSION = 2
+"""Bumped whenever the build changes what it writes (part of the cache key).
+2: chunked loss in both graphs, recomputation in the training graph, ``int4``."""
+INT8_MODES = ("none", "weights", "dynamic", "int4")
 """Values of ``int8`` (``gateway.artifact_int8``): how the frozen weights are stored."""
 NO_TRAINING_GRADIENT = (
     "ONNX Runtime training has no gradient for DynamicQuantizeLinear/MatMulInteger, so "
@@ -201,7 +210,8 @@ def _export_all(
     files = {"inference_model": INFERENCE_FILE, "tokenizer": TOKENIZER_FILE}
     if int8 != "dynamic":
         started = time.perf_counter()
-        _export_training(model, graph_names, weight_decay, example, out, int8 == "weights")
+        quantized = int8 in ("weights", "int4")  # no gradient for MatMulNBits: int8 there
+        _export_training(model, graph_names, weight_decay, example, out, quantized)
         seconds["training"] = round(time.perf_counter() - started, 2)
         files.update(TRAINING_FILES)
     started = time.perf_counter()
@@ -243,24 +253,33 @@ class _LossOf:
     def training(model: Any) -> Any:
         import torch
 
+        from fedtune.engines.loss import causal_lm_loss
+
         class Training(torch.nn.Module):
             def __init__(self) -> None:
                 super().__init__()
                 self.model = model
 
             def forward(self, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
-                return self.model(
-                    input_ids=input_ids, attention_mask=attention_mask, labels=labels
-                ).loss
+                return causal_lm_loss(
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    labels,
+                    TRAINING_LOSS_CHUNKS,
+                    recompute=False,
+                )
 
         return Training()
 
     @staticmethod
-    def inference(model: Any, graph_names: dict[str, str]) -> Any:
+    def inference(model: Any, graph_names: dict[str, str], chunks: int) -> Any:
         """The loss with every LoRA weight taken from an input: the LoRA Parameters are
         removed and the inputs assigned in their place on each call (FACTS.md; the
         stateless API cannot be traced)."""
         import torch
+
+        from fedtune.engines.loss import causal_lm_loss
 
         keys = sorted(graph_names)
         owners = []
@@ -278,8 +297,14 @@ class _LossOf:
             def forward(self, input_ids: Any, attention_mask: Any, labels: Any, *lora: Any) -> Any:
                 for (module, attr), weight in zip(owners, lora, strict=True):
                     setattr(module, attr, weight)
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-                return out.loss
+                return causal_lm_loss(
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    labels,
+                    chunks,
+                    recompute=False,
+                )
 
         return Inference()
 
@@ -326,6 +351,7 @@ def _export_training(
         raise RuntimeError(f"LoRA weights lost in the ONNX export: {missing[:3]}")
     if int8:
         quantize_frozen_weights(exported)
+        quantize_embedding_rows(exported)
         initializers = {i.name for i in exported.graph.initializer}
     frozen = sorted(initializers - set(trainable))
     logging.getLogger(__name__).info("ORT artifacts: %d trainable tensors", len(trainable))
@@ -338,6 +364,9 @@ def _export_training(
         artifact_directory=str(out),
     )
     onnx_path.unlink()
+    training = onnx.load(str(out / TRAINING_FILES["training_model"]))
+    recompute_in_backward(training)
+    onnx.save(training, str(out / TRAINING_FILES["training_model"]))
 
 
 def _export_inference(
@@ -350,7 +379,10 @@ def _export_inference(
     params = dict(model.named_parameters())
     lora = tuple(params[graph_names[k]].detach().clone() for k in keys)
     torch.onnx.export(
-        _LossOf.inference(model, graph_names),
+        # fp32: the model's own loss. The head is then one fp32 MatMul with a constant B,
+        # which ONNX Runtime prepacks once per node: 8 slices would hold 8 packed copies
+        # of the 113 MB head (measured: peak 1,492 -> 2,058 MiB).
+        _LossOf.inference(model, graph_names, 1 if int8 == "none" else INFERENCE_LOSS_CHUNKS),
         (example, torch.ones_like(example), example, *lora),
         str(path),
         input_names=[
@@ -365,9 +397,12 @@ def _export_inference(
         do_constant_folding=True,
         dynamo=False,
     )
-    if int8 == "weights":
+    if int8 in ("weights", "int4"):
         graph = onnx.load(str(path))
-        quantize_frozen_weights(graph)
+        if int8 == "int4":
+            quantize_matmuls_4bit(graph)
+        quantize_frozen_weights(graph)  # what is left: the embedding table
+        quantize_embedding_rows(graph)
         onnx.save(graph, str(path))
     elif int8 == "dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -383,6 +418,7 @@ def _export_inference(
         )
         graph = onnx.load(str(path))
         quantize_frozen_weights(graph)
+        quantize_embedding_rows(graph)
         onnx.save(graph, str(path))
 
 
@@ -433,3 +469,239 @@ def quantize_frozen_weights(graph: Any) -> list[str]:
     del graph.graph.node[:]
     graph.graph.node.extend(nodes)
     return names
+
+
+def _int8_rows(weight: Any) -> tuple[Any, Any]:
+    """Symmetric int8 per row: ``(q, scale)`` with ``weight ~ q * scale[:, None]``."""
+    import numpy as np
+
+    scale = np.abs(weight).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(weight / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def quantize_embedding_rows(graph: Any) -> int:
+    """Gathers from a dequantized table (the token embedding) read int8 rows instead.
+
+    ``Gather(q, ids) * Gather(scale, ids)`` for a ``DequantizeLinear(q, scale)`` per row
+    (what :func:`quantize_frozen_weights` writes, axis 0): only the looked-up rows
+    become fp32. Dequantizing first makes the whole 49,152-row table fp32 on every call
+    (113 MB for SmolLM2), which is what held the inference graph's memory; ONNX Runtime
+    1.19 has no quantized Gather (GatherBlockQuantized came later). Run after
+    :func:`quantize_frozen_weights`; returns the Gathers rewritten.
+    """
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    dequantized = {
+        n.output[0]: n
+        for n in graph.graph.node
+        if n.op_type == "DequantizeLinear"
+        and any(a.name == "axis" and a.i == 0 for a in n.attribute)
+    }
+    nodes: list[Any] = []
+    count = 0
+    for node in graph.graph.node:
+        source = dequantized.get(node.input[0]) if node.op_type == "Gather" else None
+        if source is None or any(a.name == "axis" and a.i != 0 for a in node.attribute):
+            nodes.append(node)
+            continue
+        q_name, s_name = source.input[0], source.input[1]
+        out, ids, tag = node.output[0], node.input[1], node.name or node.output[0]
+        nodes += [
+            helper.make_node("Gather", [q_name, ids], [f"{out}_q"], name=f"{tag}_q", axis=0),
+            helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{tag}_cast", to=1),
+            helper.make_node("Gather", [s_name, ids], [f"{out}_s"], name=f"{tag}_s", axis=0),
+            helper.make_node(
+                "Unsqueeze", [f"{out}_s", f"{tag}_axes"], [f"{out}_s1"], name=f"{tag}_unsq"
+            ),
+            helper.make_node("Mul", [f"{out}_f", f"{out}_s1"], [out], name=f"{tag}_scale"),
+        ]
+        graph.graph.initializer.append(numpy_helper.from_array(np.array([-1]), f"{tag}_axes"))
+        count += 1
+    _drop_unused(graph, nodes)
+    return count
+
+
+def quantize_matmuls_4bit(graph: Any, block_size: int = 32) -> list[str]:
+    """Every ``MatMul`` with a constant fp32 ``[K, N]`` B becomes ONNX Runtime's
+    ``com.microsoft.MatMulNBits`` (4 bits, blocks of ``block_size`` along K, a scale
+    and a float zero point per block): weights stay 4-bit in memory and are dequantized
+    block by block inside the kernel.
+
+    Hand-written packing because onnxruntime-training 1.19's wheel lacks the
+    ``quantize_matmul_4bits`` binding that ``MatMul4BitsQuantizer`` calls; the layout
+    is the operator's (``B`` ``[N, K/block, block/2]`` uint8, low nibble first).
+    Asymmetric blocks of 32 fit SmolLM2's GGUF Q4_1 grid (blocks of 32, scale + min).
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {
+        t.name: t
+        for t in graph.graph.initializer
+        if t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and "lora_" not in t.name
+    }
+    nodes: list[Any] = []
+    names: list[str] = []
+    packed_of: dict[str, str] = {}
+    for node in graph.graph.node:
+        b = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
+        dims = weights[b].dims if b in weights else ()
+        if not dims or dims[0] % block_size:
+            nodes.append(node)
+            continue
+        k, n = dims
+        if b in packed_of:  # one packed copy per weight, however many MatMuls read it
+            nodes.append(_nbits_node(node, packed_of[b], k, n, block_size))
+            continue
+        w = numpy_helper.to_array(weights[b])
+        blocks = w.T.reshape(n, k // block_size, block_size)
+        low, high = blocks.min(-1), blocks.max(-1)
+        scale = (high - low) / 15.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        # A float zero point (the block's minimum over its scale), which the operator
+        # accepts in place of a packed 4-bit one: a GGUF Q4_1 block (scale and minimum
+        # per 32 weights) is then reproduced exactly, where an integer zero point would
+        # round the minimum and add a second quantization error (+0.25 in loss).
+        zero = (-low / scale).astype(np.float32)
+        q = np.clip(np.rint(blocks / scale[..., None] + zero[..., None]), 0, 15).astype(np.uint8)
+        packed = q[..., 0::2] | (q[..., 1::2] << 4)
+        tag = f"{b}_nbits{len(names)}"
+        graph.graph.initializer.extend(
+            [
+                numpy_helper.from_array(packed.astype(np.uint8), f"{tag}_q4"),
+                numpy_helper.from_array(scale.reshape(-1), f"{tag}_scales"),
+                numpy_helper.from_array(zero.reshape(-1), f"{tag}_zeros"),
+            ]
+        )
+        packed_of[b] = tag
+        nodes.append(_nbits_node(node, tag, k, n, block_size))
+        names.append(b)
+    _drop_unused(graph, nodes)
+    if names and not any(o.domain == "com.microsoft" for o in graph.opset_import):
+        graph.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return names
+
+
+def _nbits_node(node: Any, tag: str, k: int, n: int, block_size: int) -> Any:
+    from onnx import helper
+
+    return helper.make_node(
+        "MatMulNBits",
+        [node.input[0], f"{tag}_q4", f"{tag}_scales", f"{tag}_zeros"],
+        list(node.output),
+        name=f"{node.name}_nbits",
+        domain="com.microsoft",
+        K=k,
+        N=n,
+        bits=4,
+        block_size=block_size,
+    )
+
+
+def _drop_unused(graph: Any, nodes: list[Any]) -> None:
+    """Set ``nodes`` as the graph's and drop the nodes and initializers nothing reads."""
+    outputs = {o.name for o in graph.graph.output}
+    while True:
+        used = {name for node in nodes for name in node.input} | outputs
+        alive = [n for n in nodes if any(o in used for o in n.output)]
+        if len(alive) == len(nodes):
+            break
+        nodes = alive
+    kept = [t for t in graph.graph.initializer if t.name in used]
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    del graph.graph.initializer[:]
+    graph.graph.initializer.extend(kept)
+
+
+def recompute_in_backward(graph: Any) -> int:
+    """Let the backward pass recompute what the forward pass would otherwise keep.
+
+    ``generate_artifacts`` wires every backward node to the forward tensors it needs,
+    so those live from the forward pass to the backward one. Two kinds are large and
+    cheap to recompute: a frozen weight dequantized from int8 (``DequantizeLinear``,
+    perhaps ``Transpose``d: an fp32 copy of the weight, per layer) and a loss slice's
+    log-softmax (``SoftmaxCrossEntropyLoss`` over ``MatMul(hidden slice, head)``: the
+    vocabulary's logits). Their backward consumers get a clone of the producing nodes
+    instead (gradient checkpointing, done on the graph), so the forward copies die
+    right after their forward use. Clones read a renamed copy of the (small) scale, so
+    ONNX Runtime's common-subexpression pass cannot merge them back. Returns the
+    number of cloned nodes.
+    """
+    from onnx import numpy_helper
+
+    nodes = list(graph.graph.node)
+    producer = {out: node for node in nodes for out in node.output}
+    inits = {t.name: t for t in graph.graph.initializer}
+    constant: set[str] = set(inits)  # tensors computed from initializers alone
+
+    def is_backward(node: Any) -> bool:
+        return "_Grad/" in node.name or node.op_type.endswith("Grad")
+
+    for node in nodes:
+        if not is_backward(node) and node.input and all(i in constant or not i for i in node.input):
+            constant.update(node.output)
+
+    def recomputable(node: Any) -> bool:
+        if is_backward(node):
+            return False
+        if node.op_type == "DequantizeLinear":
+            return node.output[0] in constant
+        if node.op_type == "Transpose":  # of a dequantized weight
+            source = producer.get(node.input[0])
+            return source is not None and source.op_type == "DequantizeLinear"
+        return node.op_type == "SoftmaxCrossEntropyLoss"
+
+    clones: dict[str, str] = {}
+    added: dict[int, list[Any]] = {}
+
+    def clone(name: str, position: int, through_loss: bool) -> str:
+        node = producer.get(name)
+        if node is None:
+            return name
+        ok = recomputable(node) or (through_loss and node.op_type in ("Cast", "MatMul"))
+        if not ok:
+            return name
+        if name in clones:
+            return clones[name]
+        copy = graph.graph.node.add()  # detached below; used as a builder
+        copy.CopyFrom(node)
+        graph.graph.node.pop()
+        loss_path = node.op_type in ("SoftmaxCrossEntropyLoss", "Cast")
+        inputs = []
+        for i in node.input:
+            if node.op_type == "DequantizeLinear" and i == node.input[1]:
+                fresh = f"{i}_recompute"
+                if fresh not in inits:
+                    inits[fresh] = numpy_helper.from_array(numpy_helper.to_array(inits[i]), fresh)
+                    graph.graph.initializer.append(inits[fresh])
+                inputs.append(fresh)
+            else:
+                inputs.append(clone(i, position, loss_path) if i else i)
+        del copy.input[:]
+        copy.input.extend(inputs)
+        del copy.output[:]
+        copy.output.extend(f"{o}_recompute" if o else o for o in node.output)
+        copy.name = f"{node.name}_recompute"
+        for old, new in zip(node.output, copy.output, strict=True):
+            clones[old] = new
+        added.setdefault(position, []).append(copy)
+        return clones[name]
+
+    for position, node in enumerate(nodes):
+        if not is_backward(node):
+            continue
+        inputs = [clone(i, position, False) if i else i for i in node.input]
+        if inputs != list(node.input):
+            del node.input[:]
+            node.input.extend(inputs)
+    ordered: list[Any] = []
+    for position, node in enumerate(nodes):
+        ordered.extend(added.get(position, []))  # just before their first backward use
+        ordered.append(node)
+    del graph.graph.node[:]
+    graph.graph.node.extend(ordered)
+    return sum(len(v) for v in added.values())

@@ -44,6 +44,53 @@ def onnxruntime() -> Any:
     return ort
 
 
+@dataclass(frozen=True)
+class SessionSettings:
+    """ONNX Runtime session options of the device engines (docs/android.md lists them).
+
+    The defaults are what a phone should use; the device benchmark turns each off to
+    measure what it saves."""
+
+    arena: bool = False
+    """CPU memory arena: it keeps the step's peak allocation reserved for the session."""
+    memory_pattern: bool = False
+    """Pre-planned activation blocks: one allocation the size of all of a step's tensors."""
+    optimize_training: bool = False
+    """Graph optimizations in the training session: constant folding would turn the int8
+    weights back into fp32 initializers and common-subexpression elimination would merge
+    the recomputed nodes of the backward pass with their forward twins (the artifacts
+    were optimized when they were built)."""
+    threads: int = 0
+    """Intra-op threads (0: ONNX Runtime's default, one per core)."""
+    mmap_threshold: int = 64 << 10
+    """Linux/glibc only (the Python reference client; Android's allocator differs):
+    blocks from this size up are mapped and unmapped one by one, so memory freed by
+    the session (the parsed model, the unpacked weights) returns to the system.
+    glibc's default threshold grows with the blocks freed (up to 32 MiB) and then keeps
+    them in its heap: without this, the device process holds ~300 MiB more. 0: leave
+    the allocator alone."""
+
+    def apply(self, options: Any, training: bool) -> Any:
+        if self.mmap_threshold and sys.platform == "linux":
+            import ctypes
+
+            try:
+                ctypes.CDLL("libc.so.6").mallopt(-3, self.mmap_threshold)  # M_MMAP_THRESHOLD
+            except OSError:  # not glibc
+                pass
+        options.enable_cpu_mem_arena = self.arena
+        options.enable_mem_pattern = self.memory_pattern
+        if training and not self.optimize_training:
+            level = onnxruntime().GraphOptimizationLevel.ORT_DISABLE_ALL
+            options.graph_optimization_level = level
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        return options
+
+
+PHONE = SessionSettings()
+
+
 @dataclass
 class TrainResult:
     """What local training produced."""
@@ -73,6 +120,7 @@ def train_backprop(
     specs: Sequence[pb.TensorSpec],
     chunks: np.ndarray,
     config: pb.TrainConfig,
+    settings: SessionSettings = PHONE,
 ) -> TrainResult:
     """AdamW on the LoRA weights with the ORT training artifacts (a fresh optimizer
     state each task, as the torch engine starts a fresh AdamW each round).
@@ -84,7 +132,7 @@ def train_backprop(
     started = time.perf_counter()
     state = capi.load_checkpoint(str(paths["checkpoint"]))
     device = capi.OrtDevice(capi.OrtDevice.cpu(), capi.OrtDevice.default_memory(), 0)
-    options = capi.SessionOptions()
+    options = settings.apply(capi.SessionOptions(), training=True)
     options.log_severity_level = 3  # errors only
     module = capi.Module(
         str(paths["training_model"]), state, str(paths["eval_model"]), device, options
@@ -143,12 +191,13 @@ def train_zeroth(
     specs: Sequence[pb.TensorSpec],
     chunks: np.ndarray,
     config: pb.TrainConfig,
+    settings: SessionSettings = PHONE,
 ) -> TrainResult:
     """MeZO two-point steps with FedKSeed's seed pool on the inference graph:
     ``g = (L(w + eps z) - L(w - eps z)) / 2 eps``, ``w <- w - lr g z``."""
     ort = onnxruntime()
     started = time.perf_counter()
-    options = ort.SessionOptions()
+    options = settings.apply(ort.SessionOptions(), training=False)
     options.log_severity_level = 3
     session = ort.InferenceSession(
         str(paths["inference_model"]), options, providers=["CPUExecutionProvider"]

@@ -214,7 +214,7 @@ def test_int8_frozen_weights_shrink_the_artifacts_and_leave_lora_fp32(artifacts,
 def test_dynamic_int8_builds_no_training_artifacts_and_bad_modes_fail(int8_artifacts):
     assert set(int8_artifacts["dynamic"].files) == {"inference_model", "tokenizer"}
     with pytest.raises(ValueError, match="int8 must be one of"):
-        build_artifacts("tiny-llama", 0, LORA, int8="int4")
+        build_artifacts("tiny-llama", 0, LORA, int8="int3")
 
 
 def test_ort_training_cannot_differentiate_dynamic_int8(tmp_path, int8_artifacts):

@@ -40,8 +40,12 @@ class Fleet:
     client_tier: list[str]
     seed: int
     footprints: dict[str, float] = dataclasses.field(default_factory=dict)
-    """Peak memory of a training client per engine in this run, as measured (absent
-    until known)."""
+    """Peak memory of a training client per engine: the device footprint table's
+    figure where it has one (``fedtune/ondevice/footprints.json``), else the largest
+    measured in this run (absent until known)."""
+    from_table: frozenset[str] = frozenset()
+    """Engines whose footprint is the table's: this run's workstation RSS (Ray, Flower,
+    torch) does not replace a phone's measured footprint."""
 
     @classmethod
     def from_scenario(cls, scenario: Scenario, population: int) -> Fleet:
@@ -62,7 +66,14 @@ class Fleet:
                     f"tier {tier.name!r} has lora_rank = {tier.lora_rank} > lora.r = "
                     f"{scenario.lora.r}: lora.r is the global adapter's rank, the largest"
                 )
-        return cls(tiers, assign_tiers(population, names, weights), scenario.run.seed)
+        table = device_footprints(scenario)
+        return cls(
+            tiers,
+            assign_tiers(population, names, weights),
+            scenario.run.seed,
+            dict(table),
+            frozenset(table),
+        )
 
     def tier_of(self, client: int) -> Tier:
         return self.tiers[self.client_tier[client]]
@@ -122,7 +133,8 @@ class Fleet:
             need = self.footprints.get(engine, 0.0)
             if need and tier.memory_mb < need:
                 reason = (
-                    f"does not fit: {engine} training needs ~{need:.0f} MB, "
+                    f"does not fit: {engine} training needs ~{need:.0f} MB"
+                    f"{' (device footprint table)' if engine in self.from_table else ''}, "
                     f"{tier.name} has {tier.memory_mb:.0f} MB"
                 )
                 unfit.append((message, reason))
@@ -138,7 +150,7 @@ class Fleet:
             event["tier"] = tier.name
             if event["status"] != "ok":
                 continue
-            if event.get("peak_rss_mb"):
+            if event.get("peak_rss_mb") and event["engine"] not in self.from_table:
                 engine = event["engine"]
                 self.footprints[engine] = max(
                     self.footprints.get(engine, 0.0), float(event["peak_rss_mb"])
@@ -171,6 +183,28 @@ class Fleet:
             "participants_by_tier": dict(sorted(Counter(e["tier"] for e in kept).items())),
             "sampled_by_tier": dict(sorted(Counter(e["tier"] for e, _, _ in judged).items())),
         }
+
+
+def device_footprints(scenario: Scenario) -> dict[str, float]:
+    """Per engine, the device client's measured peak MiB for this scenario's model,
+    LoRA, quantization and batch (the shipped footprint table; engines it lacks are
+    left out)."""
+    from fedtune.ondevice import footprint
+
+    found = {}
+    for engine in ("backprop", "zeroth"):
+        mib = footprint.lookup(
+            scenario.model.name,
+            engine,
+            scenario.model.quantization,
+            scenario.lora.r,
+            scenario.lora.targets,
+            scenario.client.batch_size,
+            scenario.client.seq_len,
+        )
+        if mib is not None:
+            found[engine] = mib
+    return found
 
 
 def keep_first_arrivals(judged: Judged, arrival: dict[int, float], keep: int) -> None:

@@ -423,3 +423,13 @@ def test_the_cli_reports_a_run_whose_final_perplexity_is_not_finite(tmp_path, ca
     summary = {"initial_perplexity": 10.0, "final_perplexity": None, "rounds_completed": 3}
     assert _outcome(summary, tmp_path) == 0
     assert "10.000 before round 1 -> not finite after round 3" in capsys.readouterr().out
+
+
+def test_a_client_past_64_mib_of_jsonl_text_is_refused_at_its_line(tmp_path):
+    from fedtune.data import load_jsonl
+    from fedtune.errors import DataError
+
+    line = json.dumps({"client_id": "greedy", "text": "x" * (14 << 20)}).encode() + b"\n"
+    (tmp_path / "users.jsonl").write_bytes(JSONL_GOOD.encode() + line * 5)  # 70 MiB
+    with pytest.raises(DataError, match=r"users.jsonl:6: client 'greedy' holds more than 64"):
+        load_jsonl(tmp_path / "users.jsonl")

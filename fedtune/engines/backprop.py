@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fedtune.engines.base import LocalTraining, Update, first_and_last, sample_batches
+from fedtune.engines.loss import causal_lm_loss
 from fedtune.errors import ConfigError
 from fedtune.models.lora import adapter_state
 
@@ -44,7 +45,7 @@ class BackpropEngine:
             torch.manual_seed(config.seed)
             for index in batches:
                 input_ids = chunks[index]
-                loss = model(input_ids=input_ids, labels=input_ids).loss
+                loss = causal_lm_loss(model, input_ids, None, input_ids)
                 objective = loss  # the reported loss stays the task loss
                 if anchors:
                     objective = loss + config.proximal_mu / 2 * proximal_term(params, anchors)

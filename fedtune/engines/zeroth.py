@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fedtune.engines.base import Update, ZerothSettings, first_and_last, sample_batches
+from fedtune.engines.loss import causal_lm_loss
 from fedtune.engines.seeds import (
     SeedStep,
     apply_step,
@@ -106,4 +107,4 @@ def _loss_at(
     """The loss with the trained weights set to ``master + eps * z``."""
     for key, direction in z.items():
         params[key].copy_(master[key] + eps * direction)
-    return float(model(input_ids=input_ids, labels=input_ids).loss)
+    return float(causal_lm_loss(model, input_ids, None, input_ids))

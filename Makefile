@@ -27,7 +27,7 @@ test: setup lint
 	$(BIN)/python -m pytest -q -ra
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -ra -m "not slow and not integration"
+	$(BIN)/python -m pytest -q -ra -m "not slow and not integration and not heavy"
 
 lint: setup typecheck
 	$(BIN)/ruff check fedtune clients server strategies simulations tests benchmarks

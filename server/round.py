@@ -340,6 +340,15 @@ def _judge(
     return Judged(event, reply, update, assignment)
 
 
+def sent_adapter(assignment: Assignment, adapter: AdapterState) -> AdapterState:
+    """The adapter a client was sent: its message's (a tier's own rank, say), or the
+    global adapter where catch-up steps went instead."""
+    content = assignment.message.content
+    if ARRAYS_KEY in content.array_records:
+        return from_record(content.array_records[ARRAYS_KEY])
+    return adapter
+
+
 def update_norms(judged: list[Judged], adapter: AdapterState) -> dict[int, float]:
     """The L2 norm of each accepted update's change of the adapter its client was sent
     (the global adapter where catch-up steps went instead), by position in ``judged``."""
@@ -347,8 +356,7 @@ def update_norms(judged: list[Judged], adapter: AdapterState) -> dict[int, float
     for i, j in enumerate(judged):
         if j.event["status"] != "ok" or j.update is None or j.assignment is None:
             continue
-        content = j.assignment.message.content
-        sent = from_record(content[ARRAYS_KEY]) if ARRAYS_KEY in content.array_records else adapter
+        sent = sent_adapter(j.assignment, adapter)
         squares = sum(
             float(((j.update[k].double() - sent[k].double()) ** 2).sum())
             for k in j.update
@@ -386,10 +394,7 @@ def bound_updates(fed: Federation, judged: list[Judged], adapter: AdapterState) 
         elif settings.clip_updates and norm > settings.clip_updates * median > 0:
             j = judged[i]
             assert j.update is not None and j.assignment is not None
-            content = j.assignment.message.content
-            sent = (
-                from_record(content[ARRAYS_KEY]) if ARRAYS_KEY in content.array_records else adapter
-            )
+            sent = sent_adapter(j.assignment, adapter)
             scale = settings.clip_updates * median / norm
             j.update = {k: sent[k] + scale * (v - sent[k]) for k, v in j.update.items()}
             j.event["clipped_from_norm"] = norm

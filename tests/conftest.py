@@ -13,13 +13,28 @@ ROOT = Path(__file__).resolve().parents[1]
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
+HEAVY_MODULES = {
+    "test_device.py",  # ONNX Runtime artifact builds
+    "test_gateway.py",  # the same artifacts, served over real gRPC
+    "test_quantization.py",  # every quantization backend x compute dtype
+    "test_engines_gradient_free.py",  # forward-mode AD and many perturbed forwards
+    "test_model_families.py",  # one federated round per model family
+    "test_export.py",  # merged, GGUF and ONNX exports
+}
+"""Unit modules that run in-process but cost minutes in all on 2 cores."""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests under ``tests/integration`` start Ray, Flower's servers, gateways or the
-    ``fedtune`` command in subprocesses: marked ``integration`` so that ``make
-    test-fast`` (unit tests, in-process) leaves them out."""
+    ``fedtune`` command in subprocesses: marked ``integration``; the costliest unit
+    modules are marked ``heavy``. ``make test-fast`` leaves both out; ``make test``
+    runs everything."""
     for item in items:
-        if INTEGRATION in Path(str(item.fspath)).parents:
+        path = Path(str(item.fspath))
+        if INTEGRATION in path.parents:
             item.add_marker(pytest.mark.integration)
+        elif path.name in HEAVY_MODULES:
+            item.add_marker(pytest.mark.heavy)
 
 
 @pytest.fixture(scope="session")

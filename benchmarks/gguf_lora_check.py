@@ -55,7 +55,8 @@ np.save(out_path, out)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
+    # float32: five (chunks, 128, vocab) arrays in float64 would need ~6 GB at 24 chunks.
+    x = x.astype(np.float32)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
@@ -77,6 +78,9 @@ def main() -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--llama-python", required=True, help="python with llama_cpp")
     parser.add_argument("--chunks", type=int, default=16)
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep (and reuse) llama.cpp's outputs here"
+    )
     args = parser.parse_args()
 
     import torch
@@ -96,19 +100,26 @@ def main() -> int:
         merged = model.merge_and_unload()
         torch_merged = log_softmax(merged(input_ids=ids).logits.float().numpy())
 
-    work = Path(tempfile.mkdtemp(prefix="gguf-check-"))
-    adapter = export_run(args.run_dir, "gguf", work / "export") / "adapter.gguf"
+    work = args.work or Path(tempfile.mkdtemp(prefix="gguf-check-"))
+    adapter = work / "export" / "adapter.gguf"
+    if not adapter.is_file():
+        export_run(args.run_dir, "gguf", work / "export")
     runs = [("base", "-"), ("adapter", str(adapter))]
     if scenario.model.name == "smollm2-135m":  # Llama: q/k rows are permuted in GGUF
         from fedtune.models.gguf_lora import write_gguf_lora
 
         _, fresh = load_run(args.run_dir)
-        control = write_gguf_lora(fresh, work / "unpermuted.gguf", permute_qk=False)
+        control = work / "unpermuted.gguf"
+        if not control.is_file():
+            write_gguf_lora(fresh, control, permute_qk=False)
         runs.append(("control", str(control)))
     np.save(work / "ids.npy", ids.numpy().astype(np.int32))
     llama = {}
     for label, lora in runs:
         out = work / f"{label}.npy"
+        if out.is_file():
+            llama[label] = log_softmax(np.load(out))
+            continue
         subprocess.run(
             [
                 args.llama_python,

@@ -55,7 +55,7 @@ def measure_client(overrides: list[str], steps: int) -> dict[str, Any]:
 
     from fedtune.config import load_scenario
     from fedtune.data import build_population, client_train_chunks
-    from fedtune.engines import EngineConfig, get_engine
+    from fedtune.engines import engine_settings, get_engine
     from fedtune.metrics import peak_rss_mb
     from fedtune.models import attach_lora, load_base_model, load_tokenizer
     from fedtune.wire import encode_update, recorddict_nbytes
@@ -72,7 +72,8 @@ def measure_client(overrides: list[str], steps: int) -> dict[str, Any]:
     engine = get_engine(s.client.engine)
     seconds, cpu_seconds = [], []
     for step in range(steps):
-        config = EngineConfig(s.client.lr, local_steps=1, batch_size=s.client.batch_size, seed=step)
+        one_step = load_scenario("quickstart", [*overrides, "client.local_steps=1"])
+        config = engine_settings(s.client.engine, one_step, seed=step)
         started, cpu = time.perf_counter(), time.process_time()
         update = engine.train(model, chunks, config)
         seconds.append(time.perf_counter() - started)

@@ -242,6 +242,7 @@ def load_base_model(
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         folder = model_dir(name)
+        assert folder is not None  # only tiny models have none
         extra: dict[str, Any] = {"num_hidden_layers": num_layers} if num_layers else {}
         # Refuses remote code unless allowed, and weights the folder lacks (families.py).
         model = load_pretrained(

@@ -60,8 +60,15 @@ _IMPORT_NOISE = {
     "torch.utils._pytree": "is an Enum subclass and is now natively supported",
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
 }
+def _without(text: str) -> logging.Filter:
+    """A filter that drops records whose message holds ``text``."""
+    noise = logging.Filter()
+    noise.filter = lambda record: text not in record.getMessage()  # type: ignore[method-assign]
+    return noise
+
+
 for _name, _text in _IMPORT_NOISE.items():
-    logging.getLogger(_name).addFilter(lambda record, text=_text: text not in record.getMessage())
+    logging.getLogger(_name).addFilter(_without(_text))
 
 
 def quantize_base(model: Any, quantization: str, compute_dtype: torch.dtype) -> Any:

@@ -135,6 +135,7 @@ def meta_model(model_cfg: Any) -> Any:
         remote = False
     else:
         folder = model_dir(model_cfg.name)
+        assert folder is not None  # only tiny models have none, handled above
         remote = check_remote_code(folder, model_cfg.trust_remote_code)
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=remote)
     if model_cfg.num_layers:

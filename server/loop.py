@@ -193,6 +193,7 @@ def run_federation(
             scenario.model.compute_dtype,
             scenario.model.num_layers,
             scenario.model.quantization,
+            trust_remote_code=scenario.model.trust_remote_code,
         ),
         scenario.lora,
         seed=scenario.run.seed,

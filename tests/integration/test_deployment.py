@@ -71,7 +71,7 @@ def test_killed_nodes_are_timeouts_and_quorum_decides(tmp_path):
             "--set",
             "round.min_reports=3",
             "--set",
-            "round.deadline_s=60",
+            "round.deadline_s=150",
             "--set",
             "run.rounds=3",
             "--set",

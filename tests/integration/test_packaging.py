@@ -38,9 +38,11 @@ def test_plain_install_has_only_fedtune_top_level(tmp_path):
         "strategies/registry.py",
         "simulations/quickstart.toml",
         "simulations/runner.py",
-        "proto/device.proto",
-        "proto/device_pb2.py",
-        "proto/device_pb2_grpc.py",
+        "ondevice/proto/device.proto",
+        "ondevice/proto/device_pb2.py",
+        "ondevice/proto/device_pb2_grpc.py",
+        "ondevice/footprints.json",
+        "server/gateway/core.py",
         "clients/device.py",
     ):
         assert (target / "fedtune" / name).is_file(), name
@@ -51,7 +53,7 @@ def test_plain_install_has_only_fedtune_top_level(tmp_path):
     code = (
         "import sys; sys.path[:0] = [sys.argv[1]]; sys.path.append(sys.argv[2]);"
         "import fedtune.clients, fedtune.server, fedtune.strategies, fedtune.simulations;"
-        "import fedtune.server.app, fedtune.clients.app;"
+        "import fedtune.server.app, fedtune.clients.app, fedtune.server.gateway;"
         "from fedtune.config import shipped_scenarios;"
         "assert 'quickstart' in shipped_scenarios();"
         "print(fedtune.server.__file__)"

@@ -41,6 +41,7 @@ from fedtune.protocol import (
     MAX_UPDATE_FACTOR,
     METRICS_KEY,
     ROUND_KEY,
+    SECAGG_RECORD,
     WEIGHT_KEY,
     StrategyTraits,
     TrainInstructions,
@@ -356,6 +357,8 @@ def update_norms(judged: list[Judged], adapter: AdapterState) -> dict[int, float
     for i, j in enumerate(judged):
         if j.event["status"] != "ok" or j.update is None or j.assignment is None:
             continue
+        if SECAGG_RECORD in j.assignment.message.content.config_records:
+            continue  # masked values in Z_M, not an update: clients clipped it themselves
         sent = sent_adapter(j.assignment, adapter)
         squares = sum(
             float(((j.update[k].double() - sent[k].double()) ** 2).sum())

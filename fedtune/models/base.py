@@ -24,7 +24,7 @@ import torch
 
 from fedtune.errors import ModelError
 from fedtune.metrics import atomic_directory
-from fedtune.models.families import load_pretrained
+from fedtune.models.families import TINY_SIZES, load_pretrained
 from fedtune.models.quantization import quantize_base
 
 SMOLLM2 = "smollm2-135m"
@@ -163,15 +163,8 @@ class TinySpec:
     lora_targets: tuple[str, ...]
 
 
-_TINY_COMMON = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    tie_word_embeddings=True,
-)
+# The family matrix's tiny sizes, with room for longer test sequences.
+_TINY_COMMON = {**TINY_SIZES, "max_position_embeddings": 1024}
 
 TINY: dict[str, TinySpec] = {
     "tiny-llama": TinySpec("llama", "LlamaConfig", _TINY_COMMON, ("q_proj", "v_proj")),

@@ -72,6 +72,8 @@ class Tasks:
         self._blobs: dict[str, bytes] = {}
         self._kept: dict[str, tuple[int, dict[str, np.ndarray]]] = {}
         """Device id -> (version, adapter) last sent, for seed catch-up (fedkseed)."""
+        self._latest: dict[str, Task] = {}
+        """Device id -> its newest task (what its downloads and uploads count toward)."""
         self.finished = False
 
     # -- the loop's side ------------------------------------------------------------
@@ -109,6 +111,7 @@ class Tasks:
                 del self.by_id[other.proto.task_id]
                 self._replies.pop(other.message_id, None)
             self.by_id[task.proto.task_id] = task
+            self._latest[device.device_id] = task
         return message_id
 
     def pull(self, message_ids: Sequence[str]) -> list[tuple[str, Message]]:
@@ -191,20 +194,19 @@ class Tasks:
         return {k: v.numpy() for k, v in state.items()}
 
     def count(self, device: Device, down: int = 0, up: int = 0) -> None:
-        """Add bytes the device moved to its current task (the newest one)."""
+        """Add bytes the device moved to its current task (the newest one); called per
+        artifact chunk, so a lookup, not a scan of every task."""
         with self._lock:
-            current = [t for t in self.by_id.values() if t.device_id == device.device_id]
-            if current:
-                current[-1].bytes_down += down
-                current[-1].bytes_up += up
+            current = self._latest.get(device.device_id)
+            if current is not None:
+                current.bytes_down += down
+                current.bytes_up += up
 
     def transfer(self, message_id: str) -> tuple[int, int] | None:
         """(bytes down, bytes up) the device moved for the task of ``message_id``."""
         with self._lock:
-            for task in self.by_id.values():
-                if task.message_id == message_id:
-                    return task.bytes_down, task.bytes_up
-        return None
+            task = next((t for t in self.by_id.values() if t.message_id == message_id), None)
+        return None if task is None else (task.bytes_down, task.bytes_up)
 
     # -- the phone's side -------------------------------------------------------------
     def check_in(self, device: Device) -> pb.Task | None:

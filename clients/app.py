@@ -20,7 +20,8 @@ from flwr.clientapp import ClientApp
 from fedtune.attacks import attack_update, attackers
 from fedtune.config import AttackConfig, DataConfig, LoraConfig, ModelConfig
 from fedtune.data import build_population, client_train_chunks
-from fedtune.engines import engine_settings, get_engine
+from fedtune.engines import ForwardSettings, ProbeSettings, engine_settings, get_engine
+from fedtune.engines.forward import ForwardEngine
 from fedtune.errors import DataError
 from fedtune.metrics import peak_rss_mb, reset_peak_rss
 from fedtune.privacy.mod import privacy_mod
@@ -28,6 +29,7 @@ from fedtune.privacy.secagg import handle_stage
 from fedtune.protocol import (
     ARRAYS_KEY,
     CLIENT_INDEX_KEY,
+    GUIDE_KEY,
     INFO_KEY,
     METRICS_KEY,
     PARTITION_KEY,
@@ -36,7 +38,7 @@ from fedtune.protocol import (
     TrainInstructions,
     TrainReport,
 )
-from fedtune.wire import encode_update, from_record, seeds_to_record
+from fedtune.wire import encode_update, from_record, seeds_from_record, seeds_to_record
 
 app = ClientApp()
 
@@ -90,6 +92,22 @@ def _chunks(data: DataConfig, model_name: str, seq_len: int, index: int) -> Any:
     return client_train_chunks(_tokenizer(model_name), population.train[index], data, seq_len)
 
 
+def probe_settings(settings: Any, asked: TrainInstructions, message: Message) -> ProbeSettings:
+    """The ``forward`` engine's settings for FwdLLM's probes: the directions asked for
+    and, for discriminative sampling, the guide the server sent."""
+    if not isinstance(settings, ForwardSettings):
+        raise DataError(f"forward probes were asked of engine {asked.engine_name!r}")
+    guide = message.content.array_records.get(GUIDE_KEY)
+    values = {f: getattr(settings, f) for f in settings.__dataclass_fields__}
+    return ProbeSettings(
+        **values,
+        probes=asked.probes,
+        guide=tuple(seeds_from_record(guide)) if guide is not None else (),
+        guide_sigmas=asked.guide_sigmas,
+        guide_tries=asked.guide_tries,
+    )
+
+
 @app.query()
 def query(message: Message, context: Context) -> Message:
     """Tell the server which client this node is."""
@@ -139,7 +157,11 @@ def train(message: Message, context: Context) -> Message:
     keep_global(context, asked, received)
     engine = get_engine(asked.engine_name)
     started, cpu_started = time.perf_counter(), time.process_time()
-    if asked.fresh:
+    if asked.probes:  # FwdLLM: forward-gradient probes at the global adapter, no step
+        load_adapter_state(model, received)
+        start = received
+        update = ForwardEngine().probe(model, chunks, probe_settings(settings, asked, message))
+    elif asked.fresh:
         # FLoRA: the global adapter joins the base weights; a fresh adapter trains on top.
         with merged_into_base(model, received, scenario.lora.alpha / scenario.lora.r):
             reset_adapter(model, settings.seed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from fedtune.engines import LocalTraining, ZerothSettings
+from fedtune.engines import ForwardSettings, LocalTraining, ZerothSettings
 from fedtune.engines.seeds import CatchUpError, catch_up_adapter, seed_pool
 from fedtune.errors import DataError
 from fedtune.models.lora import AdapterState
@@ -33,8 +33,8 @@ def catch_up(
 ) -> AdapterState:
     """The current global adapter: the kept one with ``steps`` replayed on it, checked
     against the server's digest."""
-    if asked.catch_up_from is None or not isinstance(settings, ZerothSettings):
-        raise DataError("seed steps in place of the adapter, but no zeroth catch-up was asked")
+    if asked.catch_up_from is None or not isinstance(settings, ZerothSettings | ForwardSettings):
+        raise DataError("seed steps in place of the adapter, but no seed-step catch-up was asked")
     kept = None
     if STATE_KEY in context.state.array_records:
         version = context.state.config_records[VERSION_STATE_KEY]["version"]

@@ -96,12 +96,12 @@ def check_federation(
             "enabled = true, or name an engine (backprop, forward, zeroth)"
         )
     if traits.seed_steps:
-        if engine not in SEED_ENGINES:
+        if engine != traits.seed_engine:
             raise ConfigError(
-                f"strategy {name!r} aggregates seed steps: set client.engine = 'zeroth' "
-                f"(not {engine!r})"
+                f"strategy {name!r} aggregates seed steps of engine {traits.seed_engine!r}: "
+                f"set client.engine = {traits.seed_engine!r} (not {engine!r})"
             )
-        if scenario.privacy.mode != "none":
+        if scenario.privacy.mode != "none" or scenario.privacy.secure_aggregation:
             raise ConfigError(
                 f"strategy {name!r} replays the clients' seed steps, which [privacy] replaces "
                 "by one private mean: use strategy.name = 'fedavg' with DP"

@@ -41,6 +41,9 @@ SEEDS_KEY = "seed-steps"
 server's catch-up steps in place of the adapter."""
 INFO_KEY = "info"
 """Discovery: a query with this record asks a node which client it is."""
+GUIDE_KEY = "guide"
+"""FwdLLM's discriminative sampling: the previous aggregation's merged seed steps (as
+:data:`SEEDS_KEY`), from which a client rebuilds the last global gradient estimate."""
 
 # -- node config ------------------------------------------------------------------------
 PARTITION_KEY = "partition-id"
@@ -60,6 +63,9 @@ PROXIMAL_KEY = "proximal-mu"
 VERSION_KEY = "adapter-version"
 CATCH_UP_KEY = "catch-up-from"
 DIGEST_KEY = "adapter-digest"
+PROBES_KEY = "forward-probes"
+GUIDE_SIGMAS_KEY = "guide-sigmas"
+GUIDE_TRIES_KEY = "guide-tries"
 CLIP_KEY = "privacy-clip"
 NOISE_KEY = "privacy-noise"
 
@@ -86,6 +92,8 @@ ERROR_REPLY_CODE = 400
 """Flower ``Error`` code of a client's or phone's refused task (the loop logs why)."""
 DECLINED_REPLY_CODE = 410
 """Flower ``Error`` code of a task its device declined or failed (counted as dropped)."""
+MAX_PROBES = 1024
+"""The most forward-gradient directions one message may ask of a client."""
 MAX_UPDATE_FACTOR = 4
 """An update may be at most this many times the fp32 size of the adapter sent."""
 
@@ -93,6 +101,10 @@ TRAIN_ONLY = ("all", "A", "B")
 """Values of :attr:`TrainInstructions.train_only`."""
 LOCAL_PARTS = ("none", "A", "B")
 """Values of :attr:`TrainInstructions.local`."""
+SEED_STEP_ENGINES = ("zeroth", "forward")
+"""Engines whose replies can be seed steps (``forward`` only when asked for probes)."""
+GUIDE_TRIES = 32
+"""Default candidates a client draws per direction under discriminative sampling."""
 
 
 @dataclass(frozen=True)
@@ -119,12 +131,21 @@ class StrategyTraits:
     per_client: bool = False
     """Aggregates each client's update on its own (order statistics, distances: median,
     trimmed mean, Krum), so a private or securely summed mean cannot feed it."""
+    seed_engine: str = "zeroth"
+    """With :attr:`seed_steps`: the engine whose seed steps it aggregates (``zeroth``:
+    local MeZO steps; ``forward``: FwdLLM's forward-gradient probes at the global
+    adapter, :attr:`TrainInstructions.probes`)."""
+    paced: bool = False
+    """Asks for more clients within a round while its pooled estimate is too noisy: the
+    class has ``more_clients(server_round, replies, asked) -> int`` (FwdLLM's pacing)."""
 
     def __post_init__(self) -> None:
         if self.trains not in TRAIN_ONLY:
             raise ValueError(f"trains must be one of {', '.join(TRAIN_ONLY)}")
         if self.keeps_local not in LOCAL_PARTS:
             raise ValueError(f"keeps_local must be one of {', '.join(LOCAL_PARTS)}")
+        if self.seed_engine not in SEED_STEP_ENGINES:
+            raise ValueError(f"seed_engine must be one of {', '.join(SEED_STEP_ENGINES)}")
 
     @property
     def replays_on_sent(self) -> bool:
@@ -197,6 +218,16 @@ class TrainInstructions:
     """Seed-step catch-up: the version the steps sent start from (no adapter sent)."""
     adapter_digest: str = ""
     """Seed-step catch-up: the digest of the adapter the steps must rebuild."""
+    probes: int = 0
+    """FwdLLM (``forward`` engine): evaluate this many forward-gradient directions at the
+    adapter received — no local step — and reply ``(seed index, directional
+    derivative)`` per direction as seed steps (0: train locally)."""
+    guide_sigmas: float = 0.0
+    """FwdLLM's discriminative sampling: keep a candidate direction ``z`` only when
+    ``|<z, g>| / ||g||`` (its cosine with the guide ``g`` in units of a random
+    direction's, ``1/sqrt(D)``) is at least this (0: uniform directions)."""
+    guide_tries: int = GUIDE_TRIES
+    """Candidates drawn per kept direction before giving up on it."""
     clip: float | None = None
     """Privacy: the L2 bound of this client's update (None: not clipped on the client)."""
     noise: float = 0.0
@@ -215,6 +246,12 @@ class TrainInstructions:
             )
         if not self.proximal_mu >= 0:
             raise ValueError(f"{PROXIMAL_KEY} must be >= 0, got {self.proximal_mu!r}")
+        if not 0 <= self.probes <= MAX_PROBES:
+            raise ValueError(f"{PROBES_KEY} must be in [0, {MAX_PROBES}], got {self.probes!r}")
+        if not 0 <= self.guide_sigmas <= 10:
+            raise ValueError(f"{GUIDE_SIGMAS_KEY} must be in [0, 10], got {self.guide_sigmas!r}")
+        if not 1 <= self.guide_tries <= 1024:
+            raise ValueError(f"{GUIDE_TRIES_KEY} must be in [1, 1024], got {self.guide_tries!r}")
 
     # -- derived values ------------------------------------------------------------------
     @functools.cached_property
@@ -234,10 +271,15 @@ class TrainInstructions:
 
     @property
     def examples(self) -> int:
-        """The sequences this message asks for (local steps x batch size): the
-        client's aggregation weight, whatever it reports."""
+        """The sequences this message asks for (local steps x batch size; one batch per
+        direction for probes): the client's aggregation weight, whatever it reports."""
         client = self.scenario.client
-        return client.local_steps * client.batch_size
+        return (self.probes or client.local_steps) * client.batch_size
+
+    @property
+    def uploads_seeds(self) -> bool:
+        """Whether the reply asked for is seed steps rather than an adapter."""
+        return self.engine_name == "zeroth" or (self.engine_name == "forward" and self.probes > 0)
 
     def client_seed(self, client: int) -> int:
         """The seed of this client-round: batches, dropout and perturbations."""
@@ -300,6 +342,9 @@ _FIELD_KEYS = {
     "adapter_version": VERSION_KEY,
     "catch_up_from": CATCH_UP_KEY,
     "adapter_digest": DIGEST_KEY,
+    "probes": PROBES_KEY,
+    "guide_sigmas": GUIDE_SIGMAS_KEY,
+    "guide_tries": GUIDE_TRIES_KEY,
     "clip": CLIP_KEY,
     "noise": NOISE_KEY,
 }
@@ -318,6 +363,9 @@ _TYPES: dict[str, Any] = {
     "adapter_version": int,
     "catch_up_from": int,
     "adapter_digest": str,
+    "probes": int,
+    "guide_sigmas": float,
+    "guide_tries": int,
     "clip": float,
     "noise": float,
 }

@@ -142,8 +142,9 @@ class Fleet:
                 keep.append(message)
         return keep, unfit
 
-    def apply(self, judged: Judged, scenario: Scenario, rnd: int) -> None:
-        """Tier, simulated seconds, dropouts, stragglers and surplus, in place."""
+    def apply(self, judged: Judged, scenario: Scenario, rnd: int, keep: int | None = None) -> None:
+        """Tier, simulated seconds, dropouts, stragglers and surplus (beyond ``keep``,
+        default ``round.clients_per_round``), in place."""
         reports = []
         for event, _, _ in judged:
             tier = self.tier_of(event["client"])
@@ -163,7 +164,7 @@ class Fleet:
                 continue
             reports.append((event["client"], event["simulated_seconds"]))
         _, discarded = round_policy(
-            reports, scenario.round.deadline_s, scenario.round.clients_per_round
+            reports, scenario.round.deadline_s, keep or scenario.round.clients_per_round
         )
         for event, _, _ in judged:
             if event["client"] in discarded and event["status"] == "ok":

@@ -243,13 +243,14 @@ def run_federation(
             break
         assignments = steps.assign(fed, rnd, sampled, state.adapter)
         observer.round_started(rnd, len(assignments))
-        sent, judged, wait = steps.send(fed, rnd, assignments)
-        judged += [steps.judge(fed, rnd, a, reply, state.adapter, wait) for a, reply in sent]
+        judged = _wave(fed, rnd, assignments, state.adapter)
+        extra = _paced_waves(fed, rnd, sampled, assignments, judged, state, round_started)
         steps.bound_updates(fed, judged, state.adapter)
-        steps.apply_round_policy(fed, rnd, judged)
+        steps.apply_round_policy(fed, rnd, judged, len(extra))
         tally = steps.record(fed, rnd, judged, events, observer.client_done, save_update)
 
         status, why = "abandoned", None
+        strategy_metrics: dict[str, Any] = {}
         if len(tally.accepted) < scenario.round.min_reports:
             why = (
                 f"{len(tally.accepted)} valid updates < round.min_reports = "
@@ -257,7 +258,7 @@ def run_federation(
             )
         else:
             before = strategy_state(fed.strategy)
-            adapter, score, why = _aggregate(fed, rnd, tally, evaluate)
+            adapter, score, why, strategy_metrics = _aggregate(fed, rnd, tally, evaluate)
             if adapter is None:  # the strategy's state must not keep a bad round either
                 restore_strategy_state(fed.strategy, before)
                 load_adapter_state(model, state.adapter)
@@ -276,7 +277,7 @@ def run_federation(
             **({"reason": why} if why is not None else {}),
             perplexity=state.current_perplexity,
             participants=len(tally.accepted),
-            sampled=len(assignments),
+            sampled=len(assignments) + len(extra),
             rejected=tally.rejected,
             dropped=tally.dropped,
             train_loss=tally.train_loss,
@@ -290,6 +291,7 @@ def run_federation(
                 else {}
             ),
             **(fed.private.round_fields() if fed.private is not None else {}),
+            **({"strategy_metrics": strategy_metrics} if strategy_metrics else {}),
         )
         if fed.fleet is not None:
             state.totals.simulated_seconds += round_event["simulated_seconds"]
@@ -360,22 +362,71 @@ def _federation(grid: Grid, scenario: Scenario, adapter: AdapterState, populatio
     return fed
 
 
+def _wave(
+    fed: steps.Federation,
+    rnd: int,
+    assignments: list[steps.Assignment],
+    adapter: AdapterState,
+    wait: float | None = None,
+) -> list[steps.Judged]:
+    """Send ``assignments`` and judge each reply (or its absence)."""
+    sent, judged, waited = steps.send(fed, rnd, assignments, wait)
+    return judged + [steps.judge(fed, rnd, a, reply, adapter, waited) for a, reply in sent]
+
+
+def _paced_waves(
+    fed: steps.Federation,
+    rnd: int,
+    sampled: list[Any],
+    assignments: list[steps.Assignment],
+    judged: list[steps.Judged],
+    state: RunState,
+    round_started: float,
+) -> list[steps.Assignment]:
+    """A paced strategy's extra waves (FwdLLM's pacing), appended to ``judged``: while
+    it asks for more clients, nodes not yet asked this round are sent the round's
+    message, within ``round.deadline_s`` of the round's start. Returns the extra
+    assignments."""
+    extra: list[steps.Assignment] = []
+    if not fed.traits.paced or not sampled:
+        return extra
+    asked = {a.node for a in assignments}
+    deadline = round_started + fed.scenario.round.deadline_s
+    while (left := deadline - time.perf_counter()) > 0:
+        valid = [j.reply for j in judged if j.event["status"] == "ok" and j.reply is not None]
+        want = int(fed.strategy.more_clients(rnd, valid, len(asked)))  # type: ignore[attr-defined]
+        if want <= 0:
+            break
+        wave = steps.more_assignments(
+            fed, rnd, len(extra) + 1, sampled[0], asked, want, state.adapter
+        )
+        if not wave:
+            log(INFO, "Round %d: pacing wants %d more clients, none is left", rnd, want)
+            break
+        log(INFO, "Round %d: pacing asks %d more clients", rnd, len(wave))
+        asked |= {a.node for a in wave}
+        extra += wave
+        judged += _wave(fed, rnd, wave, state.adapter, left)
+    return extra
+
+
 def _aggregate(
     fed: steps.Federation, rnd: int, tally: steps.Tally, evaluate: Any
-) -> tuple[AdapterState | None, float, str | None]:
-    """The strategy's aggregate of the accepted replies and its held-out perplexity, or
-    (None, nan, reason) when there is none or it is not finite."""
-    arrays = steps.aggregate_in_client_order(fed.strategy, rnd, tally.accepted)
+) -> tuple[AdapterState | None, float, str | None, dict[str, Any]]:
+    """The strategy's aggregate of the accepted replies, its held-out perplexity and
+    the strategy's own metrics, or (None, nan, reason, metrics) when there is no
+    aggregate or it is not finite."""
+    arrays, metrics = steps.aggregate_with_metrics(fed.strategy, rnd, tally.accepted)
     if arrays is None:
-        return None, math.nan, "the strategy returned no adapter"
+        return None, math.nan, "the strategy returned no adapter", metrics
     adapter = from_record(arrays)
     bad = sorted(k for k, v in adapter.items() if not bool(v.isfinite().all()))
     if bad:
-        return None, math.nan, f"the aggregate has non-finite values ({bad[0]}, ...)"
+        return None, math.nan, f"the aggregate has non-finite values ({bad[0]}, ...)", metrics
     score = evaluate(adapter)
     if not math.isfinite(score):
-        return None, math.nan, f"the aggregate's held-out perplexity is {score}"
-    return adapter, score, None
+        return None, math.nan, f"the aggregate's held-out perplexity is {score}", metrics
+    return adapter, score, None, metrics
 
 
 def _save(run_dir: Path, fed: steps.Federation, state: RunState, started: float) -> None:

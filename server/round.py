@@ -30,7 +30,6 @@ import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp.strategy import Strategy
 
-from fedtune.checks import SEED_ENGINES
 from fedtune.config import Scenario
 from fedtune.metrics import EventLog
 from fedtune.models.lora import AdapterState
@@ -208,13 +207,42 @@ def assign(
         asked = with_traits(TrainInstructions.of(message), traits).but(
             round=rnd, engine=engine, rank=0 if rank == fed.global_rank else rank
         )
-        if engine in SEED_ENGINES and history is not None:
+        if engine != "forward":  # probes are the forward engine's (tiers under "auto")
+            asked = asked.but(probes=0, guide_sigmas=0.0)
+        if asked.uploads_seeds and history is not None:
             asked = fed.seeds.offer(asked, content, client, adapter, history)
         sent = addressed(message, asked, content)
         assignments.append(
             Assignment(client, node, engine, rank, asked, sent, recorddict_nbytes(sent.content))
         )
     return assignments
+
+
+def more_assignments(
+    fed: Federation,
+    rnd: int,
+    wave: int,
+    template: Message,
+    asked: set[int],
+    count: int,
+    adapter: AdapterState,
+) -> list[Assignment]:
+    """A paced strategy's extra wave: up to ``count`` more clients for round ``rnd``,
+    drawn (seeded by run, round and wave) from the available nodes not yet ``asked``,
+    each sent the round's message (``template``, one the strategy built)."""
+    nodes = sorted(n for n in fed.grid.get_node_ids() if n not in asked)
+    seed = np.random.SeedSequence([fed.scenario.run.seed, rnd, wave, 0x9A]).generate_state(1)
+    chosen = random.Random(int(seed[0])).sample(nodes, min(count, len(nodes)))
+    messages = [
+        Message(
+            content=template.content,
+            message_type=template.metadata.message_type,
+            dst_node_id=node,
+            group_id=template.metadata.group_id,
+        )
+        for node in chosen
+    ]
+    return assign(fed, rnd, messages, adapter)
 
 
 def with_traits(asked: TrainInstructions, traits: StrategyTraits) -> TrainInstructions:
@@ -251,15 +279,17 @@ def new_event(fed: Federation, rnd: int, a: Assignment, bytes_down: int) -> dict
 
 
 def send(
-    fed: Federation, rnd: int, assignments: list[Assignment]
+    fed: Federation, rnd: int, assignments: list[Assignment], wait: float | None = None
 ) -> tuple[list[tuple[Assignment, Message | None]], list[Judged], float]:
-    """Send the assignments whose devices can hold the training; wait for replies.
+    """Send the assignments whose devices can hold the training; wait for replies (at
+    most ``wait`` seconds; default: the round's deadline, or its timeout on a fleet).
 
     Returns (assignment, reply or None) for those sent, the judged events of those not
     sent (``dropped``: does not fit), and how long the loop waited.
     """
     scenario = fed.scenario
-    wait = scenario.round.timeout_s if fed.fleet is not None else scenario.round.deadline_s
+    if wait is None:
+        wait = scenario.round.timeout_s if fed.fleet is not None else scenario.round.deadline_s
     unsent: list[Judged] = []
     if fed.fleet is not None:  # a device whose memory cannot hold the training gets no work
         by_message = {id(a.message): a for a in assignments}
@@ -317,7 +347,7 @@ def _judge(
     event["bytes_up"] = recorddict_nbytes(reply.content) if not reply.has_error() else 0
     event.update(report_fields(reply))
     update: AdapterState | None
-    if assignment.engine in SEED_ENGINES:
+    if assignment.asked.uploads_seeds:
         update, steps, reason = fed.seeds.receive(
             assignment.asked, reply, assignment.client, adapter
         )
@@ -403,14 +433,16 @@ def bound_updates(fed: Federation, judged: list[Judged], adapter: AdapterState) 
             j.event["clipped_from_norm"] = norm
 
 
-def apply_round_policy(fed: Federation, rnd: int, judged: list[Judged]) -> None:
+def apply_round_policy(fed: Federation, rnd: int, judged: list[Judged], extra: int = 0) -> None:
     """Device dropouts, then stragglers past the deadline and surplus over-selected
-    reports, on simulated time (or on arrival time), in place."""
+    reports, on simulated time (or on arrival time), in place. ``extra``: clients a
+    paced strategy added to the round, kept on top of ``round.clients_per_round``."""
     tuples = [j.as_tuple() for j in judged]
+    keep = fed.scenario.round.clients_per_round + extra
     if fed.fleet is not None:
-        fed.fleet.apply(tuples, fed.scenario, rnd)
+        fed.fleet.apply(tuples, fed.scenario, rnd, keep)
     else:
-        keep_first_arrivals(tuples, fed.grid.arrival, fed.scenario.round.clients_per_round)
+        keep_first_arrivals(tuples, fed.grid.arrival, keep)
 
 
 def record(
@@ -444,11 +476,19 @@ def record(
 
 
 def aggregate_in_client_order(strategy: Any, rnd: int, accepted: list[tuple[int, Message]]) -> Any:
-    """``strategy.aggregate_train`` over replies sorted by client index.
+    """``strategy.aggregate_train`` over replies sorted by client index: its arrays.
 
     Floating-point sums depend on their order; sorting makes the aggregate independent
     of the order in which replies arrived.
     """
+    return aggregate_with_metrics(strategy, rnd, accepted)[0]
+
+
+def aggregate_with_metrics(
+    strategy: Any, rnd: int, accepted: list[tuple[int, Message]]
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`aggregate_in_client_order`'s arrays and the strategy's MetricRecord as a
+    plain dict (empty when it returns none)."""
     ordered = [message for _, message in sorted(accepted, key=lambda pair: pair[0])]
-    arrays, _ = strategy.aggregate_train(rnd, ordered)
-    return arrays
+    arrays, metrics = strategy.aggregate_train(rnd, ordered)
+    return arrays, dict(metrics) if metrics is not None else {}

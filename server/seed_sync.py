@@ -77,16 +77,23 @@ class SeedSync:
     def receive(
         self, asked: TrainInstructions, reply: Message, client: int, state: AdapterState
     ) -> tuple[AdapterState | None, list[SeedStep] | None, str | None]:
-        """Validate a zeroth client's reply and replay its steps on ``state`` (the
-        adapter it was sent): ``(adapter, steps, None)`` or ``(None, None, reason)``."""
+        """Validate a seed-step reply and replay its steps on ``state`` (the adapter its
+        client was sent): ``(adapter, steps, None)`` or ``(None, None, reason)``.
+
+        A zeroth client's steps are its local steps. FwdLLM's probes ``(index,
+        derivative)`` are no steps: what is replayed is the client's own forward-gradient
+        estimate as one SGD step, ``w - lr * mean_i g_i z_i`` (what the update-norm bounds
+        then judge); the strategy gets the probes as sent.
+        """
         if reply.has_error():
             self.held.pop(client, None)  # e.g. a restarted node could not catch up
-        steps, reason = check_seed_reply(reply, self.num_seeds, self.local_steps)
+        steps, reason = check_seed_reply(reply, self.num_seeds, asked.probes or self.local_steps)
         if steps is None:
             return None, None, reason
         if asked.adapter_version is not None:
             self.held[client] = asked.adapter_version
-        adapter = replay(state, steps, self.pool, self.lr, asked.train_only)
+        moves = [(i, g / len(steps)) for i, g in steps] if asked.probes else steps
+        adapter = replay(state, moves, self.pool, self.lr, asked.train_only)
         if not all(bool(v.isfinite().all()) for v in adapter.values()):
             return None, None, "seed steps replay to non-finite values"
         return adapter, steps, None

@@ -41,6 +41,7 @@ BUILTINS: dict[str, str] = {
     "hetlora": "fedtune.strategies.hetlora:HetLora",
     "flexlora": "fedtune.strategies.flexlora:FlexLora",
     "fedkseed": "fedtune.strategies.fedkseed:FedKSeed",
+    "fwdllm": "fedtune.strategies.fwdllm:FwdLLM",
 }
 """Built-in names; also declared as entry points in fedtune's own pyproject.
 

@@ -10,6 +10,7 @@ from fedtune.engines.base import (
     Engine,
     ForwardSettings,
     LocalTraining,
+    ProbeSettings,
     Update,
     ZerothSettings,
     default_eps,
@@ -92,6 +93,8 @@ def engine_settings(
             variance_threshold=client.variance_threshold,
             forward_derivative=client.forward_derivative,
             forward_optimizer=client.forward_optimizer,
+            num_seeds=client.num_seeds,
+            run_seed=scenario.run.seed,
         )
     raise ConfigError(f"unknown client.engine {name!r}: use one of {', '.join(ENGINES)}")
 
@@ -103,6 +106,7 @@ __all__ = [
     "Engine",
     "ForwardSettings",
     "LocalTraining",
+    "ProbeSettings",
     "Update",
     "ZerothSettings",
     "default_eps",

@@ -93,6 +93,10 @@ class ForwardSettings(LocalTraining):
     finite difference with ``eps``, forward passes only)."""
     forward_optimizer: str
     """The optimizer that applies the estimated gradient, ``sgd`` or ``adamw``."""
+    num_seeds: int = 4096
+    """K, the seed pool FwdLLM's probes draw their directions from."""
+    run_seed: int = 0
+    """The run's seed: fixes the seed pool."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,6 +119,26 @@ class ForwardSettings(LocalTraining):
                 f"forward-optimizer must be one of {', '.join(OPTIMIZERS)}, "
                 f"got {self.forward_optimizer!r}"
             )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeSettings(ForwardSettings):
+    """FwdLLM's client work: forward-gradient probes at the adapter received, no step."""
+
+    probes: int
+    """Directions to evaluate (one batch each)."""
+    guide: tuple[SeedStep, ...] = ()
+    """The last global gradient estimate as merged seed steps (discriminative sampling)."""
+    guide_sigmas: float = 0.0
+    """Keep a direction only when its cosine with the guide is at least this many times
+    a random direction's (0: uniform directions)."""
+    guide_tries: int = 32
+    """Candidates drawn per kept direction."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.probes < 1:
+            raise ConfigError(f"probes must be at least 1, got {self.probes!r}")
 
 
 def default_eps(compute_dtype: str) -> float:

@@ -40,8 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.engines.base import ForwardSettings, Update, first_and_last, sample_batches
-from fedtune.engines.seeds import perturbation
+from fedtune.engines.base import (
+    ForwardSettings,
+    ProbeSettings,
+    Update,
+    first_and_last,
+    sample_batches,
+)
+from fedtune.engines.seeds import combine, perturbation, pick_directions, seed_pool
 from fedtune.errors import ConfigError
 from fedtune.models.lora import adapter_state
 
@@ -109,6 +115,67 @@ class ForwardEngine:
             loss=sum(losses) / len(losses),
             metrics=metrics,
         )
+
+    def probe(self, model: Any, chunks: torch.Tensor, config: ProbeSettings) -> Update:
+        """FwdLLM's client work: the directional derivative of the loss along
+        ``config.probes`` directions of the seed pool, at the adapter as loaded, one
+        batch each; no step is taken. :attr:`Update.seed_steps` holds ``(pool index,
+        derivative)`` per direction (the server pools them); :attr:`Update.state` is the
+        adapter unchanged."""
+        marker = "lora_" if config.train_only == "all" else f"lora_{config.train_only}"
+        params = {n: p for n, p in sorted(model.named_parameters()) if marker in n}
+        if not params:
+            raise ConfigError(f"no LoRA weight of the model matches lora-train={config.train_only}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config.forward_derivative == "jvp":
+            check_forward_ad(model)
+        names = _adapter_names(model, params)
+        specs = sorted((names[n], tuple(p.shape)) for n, p in params.items())
+        pool = seed_pool(config.run_seed, config.num_seeds)
+        guide = combine(config.guide, pool, specs) if config.guide and config.guide_sigmas else None
+        rng = np.random.default_rng(config.seed)
+        indices, drawn = pick_directions(
+            rng, config.probes, pool, specs, guide, config.guide_sigmas, config.guide_tries
+        )
+        batches = sample_batches(len(chunks), config.batch_size, max(len(indices), 1), config.seed)
+        point = {n: p.detach() for n, p in params.items()}
+        steps: list[tuple[int, float]] = []
+        losses: list[float] = []
+        model.eval()
+        for index, batch in zip(indices, batches, strict=False):
+            z = perturbation(pool[index], specs)
+            tangent = {n: z[names[n]].to(p.dtype) for n, p in point.items()}
+            loss, slope = directional_derivative(
+                model, point, tangent, chunks[batch], config.forward_derivative, config.eps
+            )
+            steps.append((index, float(np.float32(slope))))
+            losses.append(loss)
+        if not steps:
+            raise ConfigError(
+                f"no direction passed discriminative sampling in {config.guide_tries} tries "
+                f"each (guide-sigmas = {config.guide_sigmas}): lower the strategy's guide_sigmas"
+            )
+        passes = len(steps) * (1 if config.forward_derivative == "jvp" else 2)
+        return Update(
+            state=adapter_state(model),
+            num_examples=len(steps) * config.batch_size,
+            loss=sum(losses) / len(losses),
+            metrics={
+                **first_and_last(losses),
+                "forward-passes": float(passes),
+                "probes": float(len(steps)),
+                "candidates": float(drawn),
+            },
+            seed_steps=steps,
+        )
+
+
+def _adapter_names(model: Any, params: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Parameter name -> its adapter-state name (no adapter name), the names seed
+    perturbations are laid out by (sorted, as :func:`fedtune.engines.seeds.trained_keys`)."""
+    adapter = getattr(model, "active_adapter", "default")
+    return {n: n.replace(f".{adapter}.", ".") for n in params}
 
 
 def estimate_gradient(

@@ -181,3 +181,92 @@ def catch_up_adapter(
     if adapter_digest(state) != digest:
         raise CatchUpError(f"the adapter replayed from version {start} differs from the server's")
     return state
+
+
+# -- FwdLLM: forward-gradient probes over the seed pool ---------------------------------
+
+
+def combine(
+    steps: Sequence[SeedStep], pool: Sequence[int], specs: Sequence[Spec]
+) -> dict[str, torch.Tensor]:
+    """``sum_i g_i z(pool[i])`` over ``steps`` (fp32): e.g. the last global gradient
+    estimate from its merged steps, which is what a client rebuilds as its guide."""
+    total = {name: torch.zeros(shape) for name, shape in specs}
+    for index, scalar in steps:
+        z = perturbation(pool[index], specs)
+        for name, t in total.items():
+            t.add_(z[name], alpha=scalar)
+    return total
+
+
+def pick_directions(
+    rng: np.random.Generator,
+    count: int,
+    pool: Sequence[int],
+    specs: Sequence[Spec],
+    guide: dict[str, torch.Tensor] | None = None,
+    sigmas: float = 0.0,
+    tries: int = 32,
+) -> tuple[list[int], int]:
+    """``count`` pool indices for forward-gradient probes, and the candidates drawn.
+
+    Uniform draws from the pool, unless a ``guide`` and ``sigmas > 0`` ask for FwdLLM's
+    discriminative sampling: a candidate ``z`` is kept only when ``|<z, g>| / ||g||``
+    — its cosine with the guide ``g`` times ``sqrt(D)``, which for a random ±1 direction
+    is a standard normal — is at least ``sigmas``. A direction not found in ``tries``
+    candidates is left out (the client probes fewer). The sign of ``<z, g>`` does not
+    matter: the estimate ``(grad . z) z`` is the same for ``-z``.
+    """
+    if guide is None or sigmas <= 0:
+        return [int(i) for i in rng.integers(len(pool), size=count)], count
+    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in guide.values()))
+    if not norm > 0:
+        return [int(i) for i in rng.integers(len(pool), size=count)], count
+    kept: list[int] = []
+    drawn = 0
+    for _ in range(count):
+        for _ in range(tries):
+            index = int(rng.integers(len(pool)))
+            drawn += 1
+            if alignment(perturbation(pool[index], specs), guide, norm) >= sigmas:
+                kept.append(index)
+                break
+    return kept, drawn
+
+
+def alignment(z: dict[str, torch.Tensor], guide: dict[str, torch.Tensor], norm: float) -> float:
+    """``|<z, g>| / ||g||`` (``norm`` is ``||g||``): a ±1 direction's cosine with ``g``
+    in units of ``1/sqrt(D)``."""
+    dot = sum(float(torch.dot(z[k].reshape(-1), guide[k].reshape(-1).float())) for k in guide)
+    return abs(dot) / norm
+
+
+def pooled_estimate(
+    steps: Sequence[SeedStep], pool: Sequence[int], specs: Sequence[Spec]
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The forward-gradient estimate ``mean_i g_i z_i`` of probes ``(index, slope)``
+    and its variance per value: the sample variance of the ``g_i z_i`` over ``n``,
+    averaged over the ``D`` values (``inf`` from one probe).
+
+    As ``||g_i z_i||^2 = g_i^2 D`` for ±1 directions, the spread needs only the sum.
+    """
+    if not steps:
+        raise ValueError("a pooled estimate needs at least one probe")
+    total = combine(steps, pool, specs)
+    n, size = len(steps), sum(math.prod(shape) for _, shape in specs)
+    estimate = {name: t / n for name, t in total.items()}
+    if n < 2:
+        return estimate, math.inf
+    squares = sum(g * g for _, g in steps) * size
+    spread = squares - sum(float(t.double().pow(2).sum()) for t in total.values()) / n
+    return estimate, max(spread, 0.0) / ((n - 1) * n * size)
+
+
+def merge_probes(steps: Sequence[SeedStep]) -> list[SeedStep]:
+    """Probes as one replayable step per pool index: ``sum_i g_i / n`` for each index,
+    sorted. :func:`replay` of the result with ``lr`` is one SGD step along the pooled
+    estimate (up to fp32 rounding)."""
+    sums: dict[int, float] = {}
+    for index, scalar in steps:
+        sums[index] = sums.get(index, 0.0) + scalar / len(steps)
+    return [(index, float(np.float32(sums[index]))) for index in sorted(sums)]

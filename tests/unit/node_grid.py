@@ -96,3 +96,50 @@ def federation(strategy, scenario, clients: dict[int, int], fleet=None, adapter=
         max_bytes=max_update_bytes(adapter or {}),
         mixed=mixed,
     )
+
+
+class InProcessGrid(NodeListGrid):
+    """A Flower Grid that delivers each message to a real ClientApp in this process.
+
+    Node ``n`` serves client ``clients[n]`` (its ``partition-id``) with a Context of its
+    own that lives across rounds, as a SuperNode's does. ``push_messages`` runs the
+    app at once; ``pull_messages`` hands out the replies. For driving
+    :func:`fedtune.server.loop.run_federation` end to end where Ray adds nothing.
+    """
+
+    def __init__(self, clients: dict[int, int], app=None) -> None:  # noqa: ANN001
+        from flwr.app import Context, RecordDict
+
+        super().__init__(clients)
+        if app is None:
+            from fedtune.clients.app import app
+        self.app = app
+        self.contexts = {
+            node: Context(1, node, {"partition-id": index}, RecordDict(), {})
+            for node, index in clients.items()
+        }
+        self.replies: dict[str, Message] = {}
+        self.silent: set[int] = set()
+        """Nodes that have gone away: they answer nothing."""
+        self.delivered: list[Message] = []
+        self._next = 0
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            self._next += 1
+            key = f"m{self._next}"
+            message.metadata.__dict__["_message_id"] = key
+            ids.append(key)
+            self.delivered.append(message)
+            node = message.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            reply = self.app(message, self.contexts[node])
+            reply.metadata.__dict__["_src_node_id"] = node
+            reply.metadata.__dict__["_reply_to_message_id"] = key
+            self.replies[key] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(k) for k in list(message_ids) if k in self.replies]

@@ -119,11 +119,11 @@ def test_a_non_finite_aggregate_abandons_the_round_with_the_reason():
     fed, assignments = setup()
     fed.strategy = Overflowing()
     tally = steps.Tally(accepted=[(a.client, reply(a, 1e10)) for a in assignments[:3]])
-    adapter, score, why = _aggregate(fed, 1, tally, lambda adapter: 1.0)
+    adapter, score, why, _ = _aggregate(fed, 1, tally, lambda adapter: 1.0)
     assert adapter is None and math.isnan(score) and "non-finite" in why
     fed.strategy = FedAvg()
     tally = steps.Tally(accepted=[(a.client, reply(a, 0.1)) for a in assignments[:3]])
-    adapter, score, why = _aggregate(fed, 1, tally, lambda adapter: float("inf"))
+    adapter, score, why, _ = _aggregate(fed, 1, tally, lambda adapter: float("inf"))
     assert adapter is None and "perplexity is inf" in why
 
 

@@ -33,10 +33,11 @@ from fedtune.wire import check_update, expected_specs, from_record, seeds_to_rec
 
 from .node_grid import NodeListGrid, task_identity
 
-SEED_STEP_RULES = {"fedkseed"}
-"""Rules for zeroth-order clients: a client's reply is its seed steps, which the loop
-replays into its adapter (the strategy gets both). Here client ``i`` takes the steps
-:func:`seed_steps_of` ``(i)`` from the adapter sent."""
+SEED_STEP_RULES = {"fedkseed": "zeroth", "fwdllm": "forward"}
+"""Rules over seed steps (-> their clients' engine): a client's reply is its seed steps,
+which the loop replays into its adapter (the strategy gets both). Here client ``i``
+replies :func:`seed_steps_of` ``(i)``: zeroth steps, or FwdLLM's probes, which replay
+as one step along their mean."""
 NAMES = sorted(BUILTINS)
 NUM_SEEDS, SEED_LR = 64, 0.05
 SPEC = {
@@ -107,7 +108,10 @@ def client_adapter(name: str, update: Update, sent: Adapter) -> Adapter:
     """The adapter client ``update[0]`` ends its round with, under strategy ``name``."""
     index, state, _ = update
     if name in SEED_STEP_RULES:
-        return replay(sent, seed_steps_of(index), seed_pool(0, NUM_SEEDS), SEED_LR)
+        steps = seed_steps_of(index)
+        if SEED_STEP_RULES[name] == "forward":
+            steps = [(i, g / len(steps)) for i, g in steps]
+        return replay(sent, steps, seed_pool(0, NUM_SEEDS), SEED_LR)
     return state
 
 
@@ -137,7 +141,8 @@ def run_rounds(
     )
     adapter = GLOBAL
     for rnd, updates in enumerate(rounds, start=1):
-        config = ConfigRecord({"round": rnd, **SPEC})
+        engine = SEED_STEP_RULES.get(name, SPEC["client.engine"])
+        config = ConfigRecord({"round": rnd, **SPEC, "client.engine": engine})
         with seeded_global_random(0, rnd):
             sent = list(
                 strategy.configure_train(rnd, to_record(adapter), config, NodeListGrid(NODES))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fedtune.server.inprocess import InProcessGrid, task_identity
+
+__all__ = ["InProcessGrid", "NodeListGrid", "federation", "task_identity"]
 
 
 class NodeListGrid(Grid):
@@ -57,19 +60,6 @@ class NodeListGrid(Grid):
         raise NotImplementedError("NodeListGrid has no transport")
 
 
-@contextlib.contextmanager
-def task_identity() -> Iterator[None]:
-    """The task identity Flower needs to build a Message outside a run, then restore it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-
-
 def federation(strategy, scenario, clients: dict[int, int], fleet=None, adapter=None):  # noqa: ANN001, ANN201
     """A :class:`fedtune.server.round.Federation` over a :class:`NodeListGrid` whose nodes
     serve ``clients`` (node id -> client index), for driving the round's steps."""
@@ -96,50 +86,3 @@ def federation(strategy, scenario, clients: dict[int, int], fleet=None, adapter=
         max_bytes=max_update_bytes(adapter or {}),
         mixed=mixed,
     )
-
-
-class InProcessGrid(NodeListGrid):
-    """A Flower Grid that delivers each message to a real ClientApp in this process.
-
-    Node ``n`` serves client ``clients[n]`` (its ``partition-id``) with a Context of its
-    own that lives across rounds, as a SuperNode's does. ``push_messages`` runs the
-    app at once; ``pull_messages`` hands out the replies. For driving
-    :func:`fedtune.server.loop.run_federation` end to end where Ray adds nothing.
-    """
-
-    def __init__(self, clients: dict[int, int], app=None) -> None:  # noqa: ANN001
-        from flwr.app import Context, RecordDict
-
-        super().__init__(clients)
-        if app is None:
-            from fedtune.clients.app import app
-        self.app = app
-        self.contexts = {
-            node: Context(1, node, {"partition-id": index}, RecordDict(), {})
-            for node, index in clients.items()
-        }
-        self.replies: dict[str, Message] = {}
-        self.silent: set[int] = set()
-        """Nodes that have gone away: they answer nothing."""
-        self.delivered: list[Message] = []
-        self._next = 0
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for message in messages:
-            self._next += 1
-            key = f"m{self._next}"
-            message.metadata.__dict__["_message_id"] = key
-            ids.append(key)
-            self.delivered.append(message)
-            node = message.metadata.dst_node_id
-            if node in self.silent:
-                continue
-            reply = self.app(message, self.contexts[node])
-            reply.metadata.__dict__["_src_node_id"] = node
-            reply.metadata.__dict__["_reply_to_message_id"] = key
-            self.replies[key] = reply
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.replies.pop(k) for k in list(message_ids) if k in self.replies]

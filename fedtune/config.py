@@ -521,6 +521,29 @@ class GatewayConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """``[tracking]``: experiment trackers fed with every event ``metrics.jsonl`` gets
+    (:mod:`fedtune.tracking`; ``pip install 'fedtune[tracking]'``)."""
+
+    tensorboard: bool = False
+    """Write TensorBoard event files to ``RUN_DIR/tensorboard`` (``tensorboard --logdir``)."""
+    mlflow: bool = False
+    """Log the scenario as MLflow params and every round as metrics (step = round)."""
+    mlflow_uri: str = ""
+    """MLflow tracking URI; "" is a file store in ``RUN_DIR/mlruns``. Any other
+    (``sqlite:///mlflow.db``, ``http://host:5000``) is shared between runs."""
+    experiment: str = ""
+    """MLflow experiment name ("": the scenario's name)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            not self.mlflow_uri or self.mlflow,
+            "tracking.mlflow_uri",
+            "is set but tracking.mlflow = false: set tracking.mlflow = true to log there",
+        )
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A whole scenario: one field per TOML section."""
 
@@ -537,6 +560,7 @@ class Scenario:
     attack: AttackConfig = field(default_factory=AttackConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         from fedtune.checks import check_scenario
@@ -582,6 +606,7 @@ SECTIONS: dict[str, type] = {
     "attack": AttackConfig,
     "privacy": PrivacyConfig,
     "gateway": GatewayConfig,
+    "tracking": TrackingConfig,
 }
 
 

@@ -21,9 +21,9 @@ import os
 import resource
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from fedtune.errors import FedtuneError
 
@@ -128,27 +128,54 @@ def reset_peak_rss() -> None:
         pass
 
 
+class EventSink(Protocol):
+    """Anything that takes events as they are written (:mod:`fedtune.tracking`)."""
+
+    def record(self, event: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class EventLog:
     """Append-only JSONL event writer; each line is flushed as it is written.
 
     A torn last line (a process killed mid-append) is cut off first: appending after
-    it would glue the next event onto it.
+    it would glue the next event onto it. Each of ``sinks`` (experiment trackers)
+    receives every event after its line is written; a sink that raises is logged and
+    dropped, as the file is the run's record and a tracker is a view of it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sinks: Iterable[EventSink] = ()) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         drop_torn_tail(self.path)
         self._handle: TextIO = open(self.path, "a", encoding="utf-8")
+        self.sinks = list(sinks)
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, **fields}
         self._handle.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
         self._handle.flush()
+        for sink in list(self.sinks):
+            self._call(sink, sink.record, record)
         return record
 
     def close(self) -> None:
         self._handle.close()
+        for sink in list(self.sinks):
+            self._call(sink, sink.close)
+
+    def _call(self, sink: EventSink, method: Any, *args: Any) -> None:
+        try:
+            method(*args)
+        except Exception as exc:  # a tracker's store or server failing must not end the run
+            logger.warning(
+                "%s failed (%s: %s); it gets no more events",
+                type(sink).__name__,
+                type(exc).__name__,
+                exc,
+            )
+            self.sinks.remove(sink)
 
     def __enter__(self) -> EventLog:
         return self

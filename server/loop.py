@@ -54,6 +54,7 @@ from fedtune.server.grid import DeviceGrid
 from fedtune.server.seed_sync import SeedSync
 from fedtune.strategies import build_strategy
 from fedtune.strategies.private import wrap_private
+from fedtune.tracking import open_trackers
 from fedtune.wire import expected_specs, from_record
 
 DISCOVERY_TIMEOUT_S = 120.0
@@ -209,7 +210,7 @@ def run_federation(
         load_adapter_state(model, adapter)
         return perplexity(model, held_out, scenario.run.eval_batch_size)
 
-    events = EventLog(run_dir / "metrics.jsonl")
+    events = EventLog(run_dir / "metrics.jsonl", open_trackers(scenario, run_dir, resume))
     if resume is None:
         initial = evaluate(adapter_state(model))
         events.write("round", round=0, perplexity=initial, participants=0, wall_seconds=0.0)

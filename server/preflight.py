@@ -24,7 +24,9 @@ def preflight(scenario: Scenario) -> int:
     from fedtune.models.base import TINY
     from fedtune.models.targets import check_lora_targets
     from fedtune.strategies import build_strategy
+    from fedtune.tracking import check_trackers
 
+    check_trackers(scenario.tracking)  # a missing tracker library, before the run starts
     if scenario.model.quantization != "none":  # the library, before any process loads it
         from fedtune.models.quantization import require_backend
 

@@ -7,8 +7,8 @@ from its offset), trains the global adapter on its own text with ONNX Runtime an
 uploads the update (chunked, with an idempotency key, retried on a broken link).
 
 It uses only grpcio, numpy, ``tokenizers`` and onnxruntime(-training); the engines
-(``backprop`` on the ORT training artifacts, ``zeroth`` on the inference graph) live in
-``fedtune.ondevice.engines``.
+(``backprop`` on the ORT training artifacts, ``zeroth`` and ``forward`` — FwdLLM's probes,
+no step — on the inference graph) live in ``fedtune.ondevice.engines``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ def capabilities() -> pb.Capabilities:
     if hasattr(ort.capi._pybind_state, "Module"):
         runtimes.insert(0, "onnxruntime-training")
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    engines = ["backprop", "zeroth"] if "onnxruntime-training" in runtimes else ["zeroth"]
+    engines = ["zeroth", "forward"]  # plain inference: every ONNX Runtime build
+    if "onnxruntime-training" in runtimes:
+        engines.insert(0, "backprop")
     return pb.Capabilities(
         ram_bytes=ram,
         runtimes=runtimes,
@@ -212,8 +214,8 @@ class DeviceClient:
         key: str | None = None,
         steps: Sequence[tuple[int, float]] | None = None,
     ) -> pb.SubmitUpdateResponse:
-        """Upload an update (or, for ``zeroth``, only its seed ``steps``); a broken link
-        is retried with the same idempotency key."""
+        """Upload an update (or, for ``zeroth`` and ``forward``, only its seed ``steps``);
+        a broken link is retried with the same idempotency key."""
         payload = to_bundle(arrays) if steps is None else b""
         header = pb.UpdateHeader(
             task_id=task.task_id,
@@ -249,7 +251,7 @@ class DeviceClient:
             raise error_of(exc) from None
 
     def run_task(self, task: pb.Task, text: str) -> pb.SubmitUpdateResponse:
-        """Download, train, submit: one task."""
+        """Download, train (or probe, for ``forward``), submit: one task."""
         engine = ENGINES.get(task.config.engine)
         if engine is None:
             raise ValueError(f"engine {task.config.engine!r} is not supported on this device")

@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 SEED_ENGINES = ("zeroth",)
 """Engines whose clients upload seed steps, which the server replays on the adapter sent."""
-PHONE_ENGINES = ("backprop", "zeroth")
-"""Engines the device gateway serves to phones."""
+PHONE_ENGINES = ("backprop", "zeroth", "forward")
+"""Engines the device gateway serves to phones (``forward`` only as FwdLLM's probes)."""
+INFERENCE_PHONE_ENGINES = ("zeroth", "forward")
+"""Engines phones run on the inference graph alone (no ORT training artifacts)."""
 
 
 def may_upload_seeds(engine: str) -> bool:
@@ -54,12 +56,16 @@ def check_scenario(scenario: Scenario) -> None:
             f"{client.engine!r} uploads seed steps: use central or local DP without secure "
             "aggregation"
         )
-    if gateway.enabled and gateway.artifact_int8 == "dynamic" and client.engine != "zeroth":
+    if (
+        gateway.enabled
+        and gateway.artifact_int8 == "dynamic"
+        and client.engine not in INFERENCE_PHONE_ENGINES
+    ):
         raise ConfigError(
             f"'gateway.artifact_int8' = 'dynamic' with client.engine = {client.engine!r}: ONNX "
             "Runtime training has no gradient for DynamicQuantizeLinear/MatMulInteger, so "
             "phones could not train by backprop; use 'weights' (int8 storage, fp32 "
-            "arithmetic) or client.engine = 'zeroth'"
+            "arithmetic) or client.engine = 'zeroth' (or 'forward' under strategy fwdllm)"
         )
 
 
@@ -106,6 +112,16 @@ def check_federation(
                 f"strategy {name!r} replays the clients' seed steps, which [privacy] replaces "
                 "by one private mean: use strategy.name = 'fedavg' with DP"
             )
+    if (
+        scenario.gateway.enabled
+        and engine == "forward"
+        and not (traits.seed_steps and traits.seed_engine == "forward")
+    ):
+        raise ConfigError(
+            f"[gateway] with client.engine = 'forward' under strategy {name!r}: phones run "
+            "engine 'forward' only as FwdLLM's probes; use strategy.name = 'fwdllm', or "
+            "client.engine = 'backprop' or 'zeroth'"
+        )
     if may_upload_seeds(engine) and not traits.replays_on_sent:
         what = (
             "trains a fresh adapter on merged weights"

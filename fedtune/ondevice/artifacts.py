@@ -69,8 +69,9 @@ INT8_MODES = ("none", "weights", "dynamic", "int4")
 """Values of ``int8`` (``gateway.artifact_int8``): how the frozen weights are stored."""
 NO_TRAINING_GRADIENT = (
     "ONNX Runtime training has no gradient for DynamicQuantizeLinear/MatMulInteger, so "
-    "artifact_int8 = 'dynamic' builds no training artifacts and serves only engine "
-    "'zeroth'; use artifact_int8 = 'weights' (int8 storage, fp32 arithmetic) for backprop"
+    "artifact_int8 = 'dynamic' builds no training artifacts and serves only the inference "
+    "engines 'zeroth' and 'forward' (probes); use artifact_int8 = 'weights' (int8 storage, "
+    "fp32 arithmetic) for backprop"
 )
 
 

@@ -2,9 +2,10 @@
 
 What a phone runs for a task, shared by the reference device client
 (``fedtune.clients.device``) and the device benchmark: ``backprop`` (the ORT training
-artifacts, only ``lora_*`` trainable, AdamW) and ``zeroth`` (MeZO steps with FedKSeed's
+artifacts, only ``lora_*`` trainable, AdamW), ``zeroth`` (MeZO steps with FedKSeed's
 seed pool on the inference graph, which takes the LoRA weights as inputs; ONNX Runtime
-inference only).
+inference only) and ``forward`` (FwdLLM's probes: the same two-point differences at the
+adapter received, along the pool directions the server chose, and no step).
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ class TrainResult:
     losses: list[float]
     seconds: float
     steps: list[tuple[int, float]] | None = None
-    """``zeroth``: (seed-pool index, scalar) per step, which is what is uploaded."""
+    """``zeroth``: (seed-pool index, scalar) per step; ``forward``: (index, directional
+    derivative) per probe. What is uploaded (no tensors)."""
     step_seconds: list[tuple[float, float]] = field(default_factory=list)
     """(wall, CPU) seconds of each local step, session set-up excluded (benchmarks)."""
 
@@ -185,6 +187,44 @@ def perturbation(seed: int, specs: Sequence[tuple[str, tuple[int, ...]]]) -> dic
     return out
 
 
+class InferenceLoss:
+    """The inference graph's ``loss`` on a batch at given LoRA weights (ORT inference)."""
+
+    def __init__(
+        self, path: Path, specs: Sequence[pb.TensorSpec], settings: SessionSettings = PHONE
+    ) -> None:
+        ort = onnxruntime()
+        options = settings.apply(ort.SessionOptions(), training=False)
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.graph = {s.name: s.graph_name for s in specs}
+
+    def __call__(self, weights: dict[str, np.ndarray], input_ids: np.ndarray) -> float:
+        feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
+        feed["labels"] = input_ids
+        feed.update({self.graph[k]: v for k, v in weights.items()})
+        return float(self.session.run(["loss"], feed)[0])
+
+    def two_point(
+        self,
+        weights: dict[str, np.ndarray],
+        z: dict[str, np.ndarray],
+        eps: float,
+        input_ids: np.ndarray,
+    ) -> tuple[float, float]:
+        """``(L(w + eps z), L(w - eps z))``, ``w ± eps z`` in fp32, only the keys of ``z``
+        moved; the step ``g = float32((plus - minus) / (2 eps))`` is the caller's."""
+        step = np.float32(eps)
+        plus = self({**weights, **{k: weights[k] + step * z[k] for k in z}}, input_ids)
+        minus = self({**weights, **{k: weights[k] - step * z[k] for k in z}}, input_ids)
+        return plus, minus
+
+
+def lora_shapes(weights: dict[str, np.ndarray]) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors a direction covers: every ``lora_`` tensor, in sorted-name order."""
+    return [(k, tuple(weights[k].shape)) for k in sorted(weights) if "lora_" in k]
+
+
 def train_zeroth(
     paths: dict[str, Path],
     adapter: dict[str, np.ndarray],
@@ -195,40 +235,25 @@ def train_zeroth(
 ) -> TrainResult:
     """MeZO two-point steps with FedKSeed's seed pool on the inference graph:
     ``g = (L(w + eps z) - L(w - eps z)) / 2 eps``, ``w <- w - lr g z``."""
-    ort = onnxruntime()
     started = time.perf_counter()
-    options = settings.apply(ort.SessionOptions(), training=False)
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(paths["inference_model"]), options, providers=["CPUExecutionProvider"]
-    )
+    loss = InferenceLoss(paths["inference_model"], specs, settings)
     master = {s.name: np.array(adapter[s.name], dtype=np.float32) for s in specs}
-    graph = {s.name: s.graph_name for s in specs}
-    keys = sorted(k for k in master if "lora_" in k)
-    shapes = [(k, tuple(master[k].shape)) for k in keys]
+    shapes = lora_shapes(master)
     pool = seed_pool(config.run_seed, config.num_seeds)
     picks = np.random.default_rng(config.seed).integers(config.num_seeds, size=config.local_steps)
     eps = float(config.eps)
     losses: list[float] = []
     steps: list[tuple[int, float]] = []
     timings: list[tuple[float, float]] = []
-
-    def loss_at(weights: dict[str, np.ndarray], input_ids: np.ndarray) -> float:
-        feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)}
-        feed["labels"] = input_ids
-        feed.update({graph[k]: v for k, v in weights.items()})
-        return float(session.run(["loss"], feed)[0])
-
     batches = batch_order(len(chunks), config.batch_size, config.local_steps, config.seed)
     for index, pick in zip(batches, picks.tolist(), strict=True):
         wall, cpu = time.perf_counter(), time.process_time()
         input_ids = np.ascontiguousarray(chunks[index], dtype=np.int64)
         z = perturbation(pool[pick], shapes)
-        plus = loss_at({k: master[k] + np.float32(eps) * z[k] for k in keys}, input_ids)
-        minus = loss_at({k: master[k] - np.float32(eps) * z[k] for k in keys}, input_ids)
+        plus, minus = loss.two_point(master, z, eps, input_ids)
         scalar = float(np.float32((plus - minus) / (2 * eps)))  # as it travels
         step = np.float32(config.lr * scalar)  # the server's replay rounds the same way
-        for key in keys:
+        for key in z:
             master[key] = (master[key] - step * z[key]).astype(np.float32)
         losses.append((plus + minus) / 2)
         steps.append((int(pick), scalar))
@@ -243,7 +268,62 @@ def train_zeroth(
     )
 
 
-ENGINES = {"backprop": train_backprop, "zeroth": train_zeroth}
+def probe_plan(config: pb.TrainConfig, num_chunks: int) -> list[tuple[int, np.ndarray]]:
+    """A ``forward`` task's probes in order: ``(pool index, chunk indices of its batch)``.
+
+    The ``p``-th entry of ``config.probe_indices`` takes batch ``p`` of the zeroth
+    engine's rule (:func:`batch_order` seeded with ``config.seed``); an index may repeat
+    (then on another batch)."""
+    indices = [int(j) for j in config.probe_indices]
+    if not indices:
+        raise ValueError("a forward task names no probe_indices")
+    if any(j >= config.num_seeds for j in indices):
+        raise ValueError(f"a probe index is outside the seed pool of {config.num_seeds}")
+    batches = batch_order(num_chunks, config.batch_size, len(indices), config.seed)
+    return list(zip(indices, batches, strict=True))
+
+
+def probe_forward(
+    paths: dict[str, Path],
+    adapter: dict[str, np.ndarray],
+    specs: Sequence[pb.TensorSpec],
+    chunks: np.ndarray,
+    config: pb.TrainConfig,
+    settings: SessionSettings = PHONE,
+) -> TrainResult:
+    """FwdLLM's probes on the inference graph: ``(L(w + eps z_j) - L(w - eps z_j)) / 2 eps``
+    at the adapter received for each ``(j, batch)`` of :func:`probe_plan`; no step.
+
+    :attr:`TrainResult.steps` is ``(j, derivative)`` per probe, in the task's order —
+    the upload; :attr:`TrainResult.arrays` is the adapter unchanged."""
+    plan = probe_plan(config, len(chunks))
+    started = time.perf_counter()
+    loss = InferenceLoss(paths["inference_model"], specs, settings)
+    weights = {s.name: np.array(adapter[s.name], dtype=np.float32) for s in specs}
+    shapes = lora_shapes(weights)
+    pool = seed_pool(config.run_seed, config.num_seeds)
+    eps = float(config.eps)
+    losses: list[float] = []
+    steps: list[tuple[int, float]] = []
+    timings: list[tuple[float, float]] = []
+    for j, batch in plan:
+        wall, cpu = time.perf_counter(), time.process_time()
+        input_ids = np.ascontiguousarray(chunks[batch], dtype=np.int64)
+        plus, minus = loss.two_point(weights, perturbation(pool[j], shapes), eps, input_ids)
+        steps.append((j, float(np.float32((plus - minus) / (2 * eps)))))  # as it travels
+        losses.append((plus + minus) / 2)
+        timings.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return TrainResult(
+        weights,
+        len(plan) * config.batch_size,
+        losses,
+        time.perf_counter() - started,
+        steps,
+        timings,
+    )
+
+
+ENGINES = {"backprop": train_backprop, "zeroth": train_zeroth, "forward": probe_forward}
 
 
 def read_text(path: Path) -> str:

@@ -14,8 +14,10 @@ ARTIFACT_CHUNK = 256 * 1024
 ENGINE_ARTIFACTS = {
     "backprop": ("training_model", "eval_model", "optimizer_model", "checkpoint", "tokenizer"),
     "zeroth": ("inference_model", "tokenizer"),
+    "forward": ("inference_model", "tokenizer"),
 }
-"""The artifacts a phone downloads for each engine it runs."""
+"""The artifacts a phone downloads for each engine it runs (``forward``: FwdLLM's probes,
+two-point differences on the inference graph, as ``zeroth``)."""
 KEPT_ADAPTERS = 4
 """Adapter blobs kept for download (the latest rounds')."""
 

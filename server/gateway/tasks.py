@@ -57,6 +57,8 @@ class Task:
     """What the device downloaded while this was its task (artifacts and adapter,
     measured by the gateway as served: the phone's own count is not asked)."""
     bytes_up: int = 0
+    candidates: int = 0
+    """``forward``: the candidate directions drawn to pick its probes."""
 
 
 class Tasks:
@@ -148,6 +150,11 @@ class Tasks:
                 self._kept[device.device_id] = (asked.adapter_version, arrays)
         if set(arrays) != set(self._graph):
             raise ValueError("the adapter's tensors differ from the artifacts'")
+        probes, candidates = (
+            translate.probe_directions(asked, device, arrays, message)
+            if asked.engine_name == "forward"
+            else ([], 0)
+        )
         blob = to_bundle(arrays)
         blob_id = hashlib.sha256(blob).hexdigest()
         ref = pb.ArtifactRef(name="adapter", artifact_id=blob_id, size=len(blob))
@@ -159,13 +166,16 @@ class Tasks:
             self.artifacts,
             self._graph,
             float(message.metadata.ttl),
+            probes,
         )
         with self._lock:
             self._blobs[blob_id] = blob
             while len(self._blobs) > KEPT_ADAPTERS:
                 del self._blobs[next(iter(self._blobs))]
         specs = {k: tuple(v.shape) for k, v in arrays.items()}
-        return Task(proto, message, message_id, asked, device.device_id, specs)
+        task = Task(proto, message, message_id, asked, device.device_id, specs)
+        task.candidates = candidates
+        return task
 
     def _catch_up(
         self, device: Device, asked: TrainInstructions, record: ArrayRecord
@@ -322,6 +332,14 @@ class Tasks:
                 task.proto, task.asked, device, header, None, steps, task.message
             )
             _, reason = check_seed_reply(reply, config.num_seeds, config.local_steps)
+        elif config.engine == "forward":  # FwdLLM's probes: the directions sent, in order
+            steps = validate.decode_steps(header, payload)
+            validate.check_probes(steps, config.probe_indices)
+            extra = translate.probe_metrics(len(steps), task.candidates)
+            reply = translate.to_reply(
+                task.proto, task.asked, device, header, None, steps, task.message, extra
+            )
+            _, reason = check_seed_reply(reply, config.num_seeds, len(config.probe_indices))
         else:
             arrays = validate.decode_arrays(payload)
             reply = translate.to_reply(

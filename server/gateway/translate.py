@@ -1,8 +1,9 @@
 """Between the round loop's Flower messages and the phones' protobuf tasks.
 
 A train message to a phone becomes a :class:`~fedtune.ondevice.proto.device_pb2.Task`
-(its instructions, the artifacts to download, the adapter's tensor specs); a phone's
-upload becomes the reply a ClientApp would send (:class:`~fedtune.protocol.TrainReport`
+(its instructions, the artifacts to download, the adapter's tensor specs; for FwdLLM's
+probes, the directions, chosen here as a ClientApp would choose them); a phone's upload
+becomes the reply a ClientApp would send (:class:`~fedtune.protocol.TrainReport`
 metrics and the update encoded as ``client.wire_dtype``, or its seed steps), so the
 loop's own validation, deadlines and events apply unchanged.
 """
@@ -10,6 +11,7 @@ loop's own validation, deadlines and events apply unchanged.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from flwr.app import Message, RecordDict
@@ -20,6 +22,7 @@ from fedtune.ondevice.proto import device_pb2 as pb
 from fedtune.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    GUIDE_KEY,
     LOSS_FIRST_KEY,
     LOSS_LAST_KEY,
     METRICS_KEY,
@@ -29,7 +32,7 @@ from fedtune.protocol import (
 )
 from fedtune.server.gateway.auth import Device
 from fedtune.server.gateway.settings import ENGINE_ARTIFACTS
-from fedtune.wire import encode_update, seeds_to_record
+from fedtune.wire import encode_update, seeds_from_record, seeds_to_record
 
 Arrays = dict[str, np.ndarray]
 
@@ -45,7 +48,14 @@ def check_phone_can_train(
         raise ValueError("a train message needs the adapter (or seed steps to catch up)")
     engine = asked.engine_name
     if engine not in ENGINE_ARTIFACTS:
-        raise ValueError(f"engine {engine!r} does not run on devices (backprop, zeroth)")
+        raise ValueError(
+            f"engine {engine!r} does not run on devices ({', '.join(ENGINE_ARTIFACTS)})"
+        )
+    if engine == "forward" and not asked.probes:
+        raise ValueError(
+            "engine 'forward' runs on devices only as FwdLLM's probes (strategy fwdllm): "
+            "local forward-gradient steps need torch"
+        )
     if engine not in device.capabilities.engines:
         raise ValueError(f"the device does not run engine {engine!r}")
     if asked.fresh:
@@ -64,6 +74,49 @@ def check_phone_can_train(
         raise ValueError(f"engine {engine!r} has no artifacts here: {NO_TRAINING_GRADIENT}")
 
 
+def probe_directions(
+    asked: TrainInstructions, device: Device, arrays: Arrays, message: Message
+) -> tuple[list[int], int]:
+    """FwdLLM's directions for a phone's probes, and the candidates drawn: what a
+    ClientApp serving the same client picks (:meth:`fedtune.engines.forward.ForwardEngine.
+    probe`: :func:`~fedtune.engines.seeds.pick_directions` seeded with the client seed,
+    discriminative from the message's guide), done here on the phone's behalf."""
+    from fedtune.engines.seeds import combine, pick_directions, seed_pool
+
+    client = asked.scenario.client
+    pool = seed_pool(asked.scenario.run.seed, client.num_seeds)
+    specs = [(k, tuple(arrays[k].shape)) for k in sorted(arrays) if "lora_" in k]
+    record = message.content.array_records.get(GUIDE_KEY)
+    steps = seeds_from_record(record) if record is not None else []
+    guide = combine(steps, pool, specs) if steps and asked.guide_sigmas else None
+    indices, drawn = pick_directions(
+        np.random.default_rng(asked.client_seed(device.client_index)),
+        asked.probes,
+        pool,
+        specs,
+        guide,
+        asked.guide_sigmas,
+        asked.guide_tries,
+    )
+    if not indices:
+        raise ValueError(
+            f"no direction passed discriminative sampling in {asked.guide_tries} tries each "
+            f"(guide-sigmas = {asked.guide_sigmas}): lower the strategy's guide_sigmas"
+        )
+    return indices, drawn
+
+
+def probe_metrics(probes: int, candidates: int) -> dict[str, float]:
+    """The metrics :meth:`~fedtune.engines.forward.ForwardEngine.probe` reports, for a
+    phone's probes (two inferences each): Flower's FedAvg family aggregates metrics only
+    when every reply has the same keys."""
+    return {
+        "forward-passes": float(2 * probes),
+        "probes": float(probes),
+        "candidates": float(candidates),
+    }
+
+
 def to_task(
     asked: TrainInstructions,
     device: Device,
@@ -72,8 +125,10 @@ def to_task(
     artifacts: ArtifactSet,
     graph_names: dict[str, str],
     deadline_seconds: float,
+    probe_indices: Sequence[int] = (),
 ) -> pb.Task:
-    """The phone's task for a train message (its adapter already a blob: ``adapter``)."""
+    """The phone's task for a train message (its adapter already a blob: ``adapter``;
+    ``probe_indices``: a ``forward`` task's directions, :func:`probe_directions`)."""
     scenario = asked.scenario
     client = scenario.client
     engine = asked.engine_name
@@ -97,6 +152,7 @@ def to_task(
             eps=client.eps or default_eps("device"),
             run_seed=scenario.run.seed,
             num_seeds=client.num_seeds,
+            probe_indices=list(probe_indices),
         ),
         artifacts=[*refs, adapter],
         adapter=[
@@ -120,8 +176,10 @@ def to_reply(
     arrays: Arrays | None,
     steps: list[tuple[int, float]] | None,
     reply_to: Message,
+    extra: Mapping[str, float] | None = None,
 ) -> Message:
-    """The reply a ClientApp would send for this upload."""
+    """The reply a ClientApp would send for this upload (``extra``: the engine's own
+    metrics, as a ClientApp's engine reports them)."""
     metrics = header.metrics
     report = TrainReport(
         num_examples=int(metrics.num_examples),
@@ -131,9 +189,13 @@ def to_reply(
         peak_rss_mb=float(metrics.peak_rss_mb),
         client_index=device.client_index,
         round=int(task.round),
-        extra={LOSS_FIRST_KEY: float(metrics.loss_first), LOSS_LAST_KEY: float(metrics.loss_last)},
+        extra={
+            LOSS_FIRST_KEY: float(metrics.loss_first),
+            LOSS_LAST_KEY: float(metrics.loss_last),
+            **(extra or {}),
+        },
     )
-    if steps is not None:  # as a zeroth ClientApp replies: the seed steps only
+    if steps is not None:  # as a zeroth (or probing) ClientApp replies: the seed steps only
         payload = {SEEDS_KEY: seeds_to_record(steps)}
     else:
         import torch

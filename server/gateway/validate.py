@@ -1,9 +1,10 @@
 """Transport checks of an upload: what the wire format itself promises.
 
 The payload's checksum, that it decodes as a TensorBundle of floating-point tensors (or,
-for a zeroth task, that it is empty and the header's seed steps pair up). Whether the
-update is *good* — tensor names, shapes, finiteness, the example count, the seed
-indices — is the round loop's :func:`fedtune.wire.check_update` /
+for a zeroth or forward task, that it is empty and the header's seed steps pair up; for
+a forward task, that they probe exactly the directions sent). Whether the update is
+*good* — tensor names, shapes, finiteness, the example count, the seed indices — is
+the round loop's :func:`fedtune.wire.check_update` /
 :func:`~fedtune.wire.check_seed_reply`, which the gateway runs on the translated reply
 to answer the phone at once: one implementation, not a second copy.
 """
@@ -11,6 +12,7 @@ to answer the phone at once: one implementation, not a second copy.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
@@ -46,12 +48,23 @@ def decode_arrays(payload: bytes) -> dict[str, np.ndarray]:
 
 
 def decode_steps(header: pb.UpdateHeader, payload: bytes) -> list[tuple[int, float]]:
-    """A zeroth upload's seed steps, from its header (no tensors)."""
+    """A zeroth or forward upload's seed steps, from its header (no tensors)."""
     if payload:
-        raise bad_update("a zeroth-order update is its seed steps only: send no tensors")
+        raise bad_update("a seed-step update (zeroth, forward) is its steps only: send no tensors")
     indices, scalars = list(header.seed_indices), list(header.seed_scalars)
     if len(indices) != len(scalars):
         raise bad_update(f"{len(indices)} seed indices and {len(scalars)} scalars differ")
     if any(i >= 2**31 for i in indices):  # travels as int32 to the loop
         raise bad_update("seed index outside the pool")
     return [(int(i), float(np.float32(g))) for i, g in zip(indices, scalars, strict=True)]
+
+
+def check_probes(steps: list[tuple[int, float]], sent: Sequence[int]) -> None:
+    """A forward upload probes exactly the task's ``probe_indices``, in order: the server
+    chose them (discriminatively), and a phone's own choice would bias the estimate."""
+    indices = [i for i, _ in steps]
+    if indices != list(sent):
+        raise bad_update(
+            f"the probes' seed indices {indices[:8]} are not the task's probe_indices "
+            f"{list(sent)[:8]} (same indices, same order)"
+        )

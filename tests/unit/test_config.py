@@ -172,5 +172,8 @@ def test_dynamic_int8_artifacts_need_zeroth_phones():
     assert load_scenario("tiny", [*gateway, "client.engine=zeroth"]).gateway.artifact_int8 == (
         "dynamic"
     )
+    # FwdLLM's probes are inference too (a local forward engine is refused by
+    # check_federation: phones run 'forward' only under fwdllm).
+    load_scenario("tiny", [*gateway, "client.engine=forward"])
     with pytest.raises(ConfigError, match="gateway.artifact_int8"):
         load_scenario("tiny", ["gateway.artifact_int8=int4"])

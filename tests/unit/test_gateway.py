@@ -533,3 +533,140 @@ def test_one_time_device_tokens_each_enroll_one_device(artifacts, tmp_path):
         assert len(gateway.devices) == 2
     finally:
         gateway.stop(grace=0.1)
+
+
+# ------------------------------------------------------------- FwdLLM's probes on phones
+
+
+def fwdllm_federation(gateway, phone, adapter, *settings):
+    """A fwdllm federation whose one node is ``phone``, a round-1 step as its guide."""
+    from fedtune.server.grid import NodeInfo
+    from fedtune.strategies import build_strategy
+
+    from .node_grid import federation
+
+    scenario = load_scenario(
+        "tiny",
+        ["client.engine=forward", "client.num_seeds=64", "client.batch_size=2", *settings],
+    )
+    strategy = build_strategy("fwdllm", {"probes": 4, "guide_sigmas": 1.0}, 3, 1)
+    strategy.seed_history = [[(3, 0.5), (10, -0.25)]]  # last round's step: the guide
+    fed = federation(strategy, scenario, {}, adapter=adapter)
+    node = node_of(gateway, phone)
+    fed.grid = DeviceGrid(GatewayGrid(NodeListGrid([]), gateway))
+    fed.grid.nodes = {node: NodeInfo(node, 0)}
+    return fed, scenario
+
+
+def test_a_phone_forward_task_round_trip_through_the_gateway(gateway, tmp_path, adapter, text):
+    """FwdLLM on a phone: the gateway picks the directions (discriminatively, from the
+    guide) as a ClientApp of the same client would, the reference client takes two-point
+    differences on the inference graph, and the server replays the probes as one step."""
+    import torch
+
+    from fedtune.clients.app import probe_settings
+    from fedtune.engines import engine_settings
+    from fedtune.engines.forward import ForwardEngine, directional_derivative
+    from fedtune.engines.seeds import perturbation
+    from fedtune.ondevice.engines import batch_order
+    from fedtune.protocol import METRICS_KEY, TrainInstructions, TrainReport
+    from fedtune.server import round as rounds
+
+    (phone,) = enrolled(gateway, tmp_path)
+    fed, scenario = fwdllm_federation(gateway, phone, adapter)
+    (message,) = rounds.sample(fed, 2, adapter, client_spec(scenario))
+    (assignment,) = rounds.assign(fed, 2, [message], adapter)
+    (message_id,) = fed.grid.push_messages([assignment.message])
+    task = phone.check_in().task
+    config = task.config
+    assert config.engine == "forward" and len(config.probe_indices) == 4
+    assert {a.name for a in task.artifacts} == {"inference_model", "tokenizer", "adapter"}
+
+    # The directions are those a ClientApp serving client 0 probes (same seed, same guide).
+    from fedtune.models import attach_lora, load_adapter_state, load_base_model
+
+    model = attach_lora(load_base_model("tiny-llama"), LORA, seed=0)
+    load_adapter_state(model, adapter)
+    asked = TrainInstructions.of(assignment.message)
+    settings = engine_settings("forward", scenario, seed=asked.client_seed(0), train_only="all")
+    paths = {ref.name: phone.fetch(ref) for ref in task.artifacts}
+    chunks = chunk_text(paths["tokenizer"], text, config.seq_len)
+    torch_probes = ForwardEngine().probe(
+        model, torch.from_numpy(chunks), probe_settings(settings, asked, assignment.message)
+    )
+    assert [i for i, _ in torch_probes.seed_steps] == list(config.probe_indices)
+
+    assert phone.run_task(task, text).accepted
+    ((_, reply),) = fed.grid.pull_replies([message_id])
+    steps, reason = check_seed_reply(reply, 64, 4)
+    assert reason is None
+    assert [i for i, _ in steps] == list(config.probe_indices)  # the indices sent, in order
+    # Each derivative is torch's two-point difference at the same adapter and batch (and
+    # near forward-mode AD's exact slope: the difference's bias at eps = 1e-2).
+    pool = seed_pool(0, 64)
+    specs = [(k, tuple(adapter[k].shape)) for k in sorted(adapter)]
+    params = {n: p.detach() for n, p in sorted(model.named_parameters()) if "lora_" in n}
+    batches = batch_order(len(chunks), config.batch_size, 4, config.seed)
+    for (index, slope), batch in zip(steps, batches, strict=True):
+        z = perturbation(pool[index], specs)
+        tangent = {n: z[n.replace(".default.", ".")] for n in params}
+        ids = torch.from_numpy(chunks[batch])
+        _, fd = directional_derivative(model, params, tangent, ids, "fd", config.eps)
+        _, exact = directional_derivative(model, params, tangent, ids, "jvp")
+        assert slope == pytest.approx(fd, abs=2e-3) and slope == pytest.approx(exact, abs=1e-2)
+    # Its metrics have a ClientApp's keys (Flower's FedAvg aggregates only equal keys).
+    client_app = TrainReport(1, 1.0, 1.0, 1.0, 1.0, 0, 2, extra=torch_probes.metrics)
+    assert set(reply.content[METRICS_KEY]) == set(client_app.to_metrics())
+
+    # The server judges and replays it as any probing client's: one step along its mean.
+    judged = rounds.judge(fed, 2, assignment, reply, adapter, 5.0)
+    assert judged.event["status"] == "ok" and judged.event["num_examples"] == 4 * 2
+    moved = replay(adapter, [(i, g / 4) for i, g in steps], pool, scenario.client.lr)
+    assert all(torch.equal(judged.update[k], moved[k]) for k in adapter)
+    assert any(not torch.equal(judged.update[k], adapter[k]) for k in adapter)
+    # 8 bytes a probe plus the header's ids and metrics: a few hundred bytes up.
+    adapter_bytes = sum(v.numel() * 4 for v in adapter.values())
+    assert 4 * 8 < judged.event["bytes_up"] <= 320 < adapter_bytes / 20
+
+
+def test_forward_tasks_go_only_to_probing_phones_and_other_indices_are_rejected(
+    gateway, tmp_path, adapter
+):
+    from fedtune.checks import check_federation
+    from fedtune.errors import ConfigError
+    from fedtune.protocol import PROBES_KEY, traits_of
+    from fedtune.server import round as rounds
+    from fedtune.strategies import build_strategy
+
+    old, probing = enrolled(gateway, tmp_path, ("old", "new"))
+    # A phone that does not list "forward" (an older app) is never given such a task.
+    gateway.devices[old.device_id].capabilities = pb.Capabilities(engines=["backprop", "zeroth"])
+    fed, scenario = fwdllm_federation(gateway, old, adapter)
+    (message,) = rounds.sample(fed, 2, adapter, client_spec(scenario))
+    (refused,) = gateway.pull([gateway.push(message)])
+    assert refused[1].has_error() and "does not run engine 'forward'" in refused[1].error.reason
+    assert old.check_in().WhichOneof("outcome") == "wait"
+    # Local forward-gradient steps (no probes) need torch: refused for every phone.
+    local = train_message(node_of(gateway, probing), adapter, 1, "client.engine=forward")
+    (refused,) = gateway.pull([gateway.push(local)])
+    assert refused[1].has_error() and "only as FwdLLM's probes" in refused[1].error.reason
+    assert PROBES_KEY not in local.content[CONFIG_KEY]
+    with pytest.raises(ConfigError, match="phones run engine 'forward' only as FwdLLM"):
+        gateway_on = load_scenario(
+            "tiny", ["client.engine=forward", "gateway.enabled=true", f"gateway.token={TOKEN}"]
+        )
+        check_federation(gateway_on, traits_of(build_strategy("fedavg", {}, 3, 1)), 3, {})
+
+    # Probes of other directions than those sent (here: their order) are refused.
+    fed, scenario = fwdllm_federation(gateway, probing, adapter)
+    (message,) = rounds.sample(fed, 2, adapter, client_spec(scenario))
+    message_id = gateway.push(message)
+    task = probing.check_in().task
+    sent = list(task.config.probe_indices)
+    steps = [(i, 0.5) for i in reversed(sent)] if len(set(sent)) > 1 else [(sent[0] + 1, 0.5)]
+    with pytest.raises(DeviceError) as excinfo:
+        probing.submit(task, {}, pb.UpdateMetrics(num_examples=8, loss=1.0), steps=steps)
+    assert status_and_code(excinfo) == (grpc.StatusCode.INVALID_ARGUMENT, pb.BAD_UPDATE)
+    assert "not the task's probe_indices" in str(excinfo.value)
+    ((_, reply),) = gateway.pull([message_id])
+    assert reply.has_error() and "not the task's probe_indices" in reply.error.reason

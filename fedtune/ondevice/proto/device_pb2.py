@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedtune/ondevice/proto/device.proto\x12\x11\x66\x65\x64tune.device.v1\"\x95\x01\n\x0c\x43\x61pabilities\x12\x11\n\tram_bytes\x18\x01 \x01(\x04\x12\x10\n\x08runtimes\x18\x02 \x03(\t\x12\x0f\n\x07\x65ngines\x18\x03 \x03(\t\x12\x10\n\x08\x63harging\x18\x04 \x01(\x08\x12+\n\x07network\x18\x05 \x01(\x0e\x32\x1a.fedtune.device.v1.Network\x12\x10\n\x08platform\x18\x06 \x01(\t\"\x8f\x01\n\rEnrollRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\x35\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1f.fedtune.device.v1.Capabilities\"Q\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\"G\n\x0e\x43heckInRequest\x12\x35\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1f.fedtune.device.v1.Capabilities\"\x9f\x01\n\x0f\x43heckInResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x17.fedtune.device.v1.TaskH\x00\x12\'\n\x04wait\x18\x02 \x01(\x0b\x32\x17.fedtune.device.v1.WaitH\x00\x12/\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1b.fedtune.device.v1.FinishedH\x00\x42\t\n\x07outcome\"3\n\x04Wait\x12\x1b\n\x13retry_after_seconds\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\n\n\x08\x46inished\">\n\x0b\x41rtifactRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"f\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\'\n\x05\x64type\x18\x03 \x01(\x0e\x32\x18.fedtune.device.v1.DType\x12\x12\n\ngraph_name\x18\x04 \x01(\t\"\xa3\x01\n\x0bTrainConfig\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x0f\n\x07seq_len\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0b\n\x03\x65ps\x18\x07 \x01(\x01\x12\x10\n\x08run_seed\x18\x08 \x01(\x04\x12\x11\n\tnum_seeds\x18\t \x01(\r\"\xd3\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12.\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1e.fedtune.device.v1.TrainConfig\x12\x31\n\tartifacts\x18\x04 \x03(\x0b\x32\x1e.fedtune.device.v1.ArtifactRef\x12.\n\x07\x61\x64\x61pter\x18\x05 \x03(\x0b\x32\x1d.fedtune.device.v1.TensorSpec\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x06 \x01(\x01\"9\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"Q\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\\\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\'\n\x05\x64type\x18\x03 \x01(\x0e\x32\x18.fedtune.device.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\":\n\x0cTensorBundle\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.fedtune.device.v1.Tensor\"\x9d\x01\n\rUpdateMetrics\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12\x12\n\nloss_first\x18\x03 \x01(\x02\x12\x11\n\tloss_last\x18\x04 \x01(\x02\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x02\x12\x13\n\x0bpeak_rss_mb\x18\x06 \x01(\x02\x12\x13\n\x0b\x63pu_seconds\x18\x07 \x01(\x02\"\xca\x01\n\x0cUpdateHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x31\n\x07metrics\x18\x06 \x01(\x0b\x32 .fedtune.device.v1.UpdateMetrics\x12\x14\n\x0cseed_indices\x18\x07 \x03(\r\x12\x14\n\x0cseed_scalars\x18\x08 \x03(\x02\"X\n\x0bUpdateChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.fedtune.device.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"D\n\x12\x44\x65\x63lineTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x15\n\x13\x44\x65\x63lineTaskResponse\"L\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"g\n\x0b\x45rrorDetail\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.fedtune.device.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x03 \x01(\r*N\n\x07Network\x12\x17\n\x13NETWORK_UNSPECIFIED\x10\x00\x12\x15\n\x11NETWORK_UNMETERED\x10\x01\x12\x13\n\x0fNETWORK_METERED\x10\x02*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03*\xaf\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41\x44_ENROLLMENT_TOKEN\x10\x01\x12\x12\n\x0e\x42\x41\x44_CREDENTIAL\x10\x02\x12\x10\n\x0cRATE_LIMITED\x10\x03\x12\r\n\tTOO_LARGE\x10\x04\x12\x17\n\x13UNSUPPORTED_VERSION\x10\x05\x12\x14\n\x10UNKNOWN_ARTIFACT\x10\x06\x12\x0e\n\nBAD_OFFSET\x10\x07\x12\x10\n\x0cUNKNOWN_TASK\x10\x08\x12\x0f\n\x0bTASK_CLOSED\x10\t\x12\r\n\tMALFORMED\x10\n\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\x0b\x12\x0e\n\nBAD_UPDATE\x10\x0c\x12\x0f\n\x0bWRONG_ROUND\x10\r\x12\x0e\n\nKEY_REUSED\x10\x0e\x32\xc3\x03\n\rDeviceService\x12M\n\x06\x45nroll\x12 .fedtune.device.v1.EnrollRequest\x1a!.fedtune.device.v1.EnrollResponse\x12P\n\x07\x43heckIn\x12!.fedtune.device.v1.CheckInRequest\x1a\".fedtune.device.v1.CheckInResponse\x12X\n\x0bGetArtifact\x12%.fedtune.device.v1.GetArtifactRequest\x1a .fedtune.device.v1.ArtifactChunk0\x01\x12Y\n\x0cSubmitUpdate\x12\x1e.fedtune.device.v1.UpdateChunk\x1a\'.fedtune.device.v1.SubmitUpdateResponse(\x01\x12\\\n\x0b\x44\x65\x63lineTask\x12%.fedtune.device.v1.DeclineTaskRequest\x1a&.fedtune.device.v1.DeclineTaskResponseB\x19\n\x15\x64\x65v.fedtune.device.v1P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedtune/ondevice/proto/device.proto\x12\x11\x66\x65\x64tune.device.v1\"\x95\x01\n\x0c\x43\x61pabilities\x12\x11\n\tram_bytes\x18\x01 \x01(\x04\x12\x10\n\x08runtimes\x18\x02 \x03(\t\x12\x0f\n\x07\x65ngines\x18\x03 \x03(\t\x12\x10\n\x08\x63harging\x18\x04 \x01(\x08\x12+\n\x07network\x18\x05 \x01(\x0e\x32\x1a.fedtune.device.v1.Network\x12\x10\n\x08platform\x18\x06 \x01(\t\"\x8f\x01\n\rEnrollRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x18\n\x10\x65nrollment_token\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x03 \x01(\t\x12\x35\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1f.fedtune.device.v1.Capabilities\"Q\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x12\n\ncredential\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\"G\n\x0e\x43heckInRequest\x12\x35\n\x0c\x63\x61pabilities\x18\x01 \x01(\x0b\x32\x1f.fedtune.device.v1.Capabilities\"\x9f\x01\n\x0f\x43heckInResponse\x12\'\n\x04task\x18\x01 \x01(\x0b\x32\x17.fedtune.device.v1.TaskH\x00\x12\'\n\x04wait\x18\x02 \x01(\x0b\x32\x17.fedtune.device.v1.WaitH\x00\x12/\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1b.fedtune.device.v1.FinishedH\x00\x42\t\n\x07outcome\"3\n\x04Wait\x12\x1b\n\x13retry_after_seconds\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\n\n\x08\x46inished\">\n\x0b\x41rtifactRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x61rtifact_id\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x04\"f\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\'\n\x05\x64type\x18\x03 \x01(\x0e\x32\x18.fedtune.device.v1.DType\x12\x12\n\ngraph_name\x18\x04 \x01(\t\"\xba\x01\n\x0bTrainConfig\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x0f\n\x07seq_len\x18\x05 \x01(\r\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0b\n\x03\x65ps\x18\x07 \x01(\x01\x12\x10\n\x08run_seed\x18\x08 \x01(\x04\x12\x11\n\tnum_seeds\x18\t \x01(\r\x12\x15\n\rprobe_indices\x18\n \x03(\r\"\xd3\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12.\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1e.fedtune.device.v1.TrainConfig\x12\x31\n\tartifacts\x18\x04 \x03(\x0b\x32\x1e.fedtune.device.v1.ArtifactRef\x12.\n\x07\x61\x64\x61pter\x18\x05 \x03(\x0b\x32\x1d.fedtune.device.v1.TensorSpec\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x06 \x01(\x01\"9\n\x12GetArtifactRequest\x12\x13\n\x0b\x61rtifact_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\"Q\n\rArtifactChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\\\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\'\n\x05\x64type\x18\x03 \x01(\x0e\x32\x18.fedtune.device.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\":\n\x0cTensorBundle\x12*\n\x07tensors\x18\x01 \x03(\x0b\x32\x19.fedtune.device.v1.Tensor\"\x9d\x01\n\rUpdateMetrics\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x04\x12\x0c\n\x04loss\x18\x02 \x01(\x02\x12\x12\n\nloss_first\x18\x03 \x01(\x02\x12\x11\n\tloss_last\x18\x04 \x01(\x02\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x02\x12\x13\n\x0bpeak_rss_mb\x18\x06 \x01(\x02\x12\x13\n\x0b\x63pu_seconds\x18\x07 \x01(\x02\"\xca\x01\n\x0cUpdateHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x31\n\x07metrics\x18\x06 \x01(\x0b\x32 .fedtune.device.v1.UpdateMetrics\x12\x14\n\x0cseed_indices\x18\x07 \x03(\r\x12\x14\n\x0cseed_scalars\x18\x08 \x03(\x02\"X\n\x0bUpdateChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.fedtune.device.v1.UpdateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"D\n\x12\x44\x65\x63lineTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x15\n\x13\x44\x65\x63lineTaskResponse\"L\n\x14SubmitUpdateResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"g\n\x0b\x45rrorDetail\x12*\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1c.fedtune.device.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x03 \x01(\r*N\n\x07Network\x12\x17\n\x13NETWORK_UNSPECIFIED\x10\x00\x12\x15\n\x11NETWORK_UNMETERED\x10\x01\x12\x13\n\x0fNETWORK_METERED\x10\x02*U\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x0f\n\x0b\x44TYPE_INT64\x10\x03*\xaf\x02\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41\x44_ENROLLMENT_TOKEN\x10\x01\x12\x12\n\x0e\x42\x41\x44_CREDENTIAL\x10\x02\x12\x10\n\x0cRATE_LIMITED\x10\x03\x12\r\n\tTOO_LARGE\x10\x04\x12\x17\n\x13UNSUPPORTED_VERSION\x10\x05\x12\x14\n\x10UNKNOWN_ARTIFACT\x10\x06\x12\x0e\n\nBAD_OFFSET\x10\x07\x12\x10\n\x0cUNKNOWN_TASK\x10\x08\x12\x0f\n\x0bTASK_CLOSED\x10\t\x12\r\n\tMALFORMED\x10\n\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\x0b\x12\x0e\n\nBAD_UPDATE\x10\x0c\x12\x0f\n\x0bWRONG_ROUND\x10\r\x12\x0e\n\nKEY_REUSED\x10\x0e\x32\xc3\x03\n\rDeviceService\x12M\n\x06\x45nroll\x12 .fedtune.device.v1.EnrollRequest\x1a!.fedtune.device.v1.EnrollResponse\x12P\n\x07\x43heckIn\x12!.fedtune.device.v1.CheckInRequest\x1a\".fedtune.device.v1.CheckInResponse\x12X\n\x0bGetArtifact\x12%.fedtune.device.v1.GetArtifactRequest\x1a .fedtune.device.v1.ArtifactChunk0\x01\x12Y\n\x0cSubmitUpdate\x12\x1e.fedtune.device.v1.UpdateChunk\x1a\'.fedtune.device.v1.SubmitUpdateResponse(\x01\x12\\\n\x0b\x44\x65\x63lineTask\x12%.fedtune.device.v1.DeclineTaskRequest\x1a&.fedtune.device.v1.DeclineTaskResponseB\x19\n\x15\x64\x65v.fedtune.device.v1P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,12 +32,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedtune.ondevice.proto.devi
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025dev.fedtune.device.v1P\001'
-  _globals['_NETWORK']._serialized_start=2314
-  _globals['_NETWORK']._serialized_end=2392
-  _globals['_DTYPE']._serialized_start=2394
-  _globals['_DTYPE']._serialized_end=2479
-  _globals['_ERRORCODE']._serialized_start=2482
-  _globals['_ERRORCODE']._serialized_end=2785
+  _globals['_NETWORK']._serialized_start=2337
+  _globals['_NETWORK']._serialized_end=2415
+  _globals['_DTYPE']._serialized_start=2417
+  _globals['_DTYPE']._serialized_end=2502
+  _globals['_ERRORCODE']._serialized_start=2505
+  _globals['_ERRORCODE']._serialized_end=2808
   _globals['_CAPABILITIES']._serialized_start=59
   _globals['_CAPABILITIES']._serialized_end=208
   _globals['_ENROLLREQUEST']._serialized_start=211
@@ -57,31 +57,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORSPEC']._serialized_start=803
   _globals['_TENSORSPEC']._serialized_end=905
   _globals['_TRAINCONFIG']._serialized_start=908
-  _globals['_TRAINCONFIG']._serialized_end=1071
-  _globals['_TASK']._serialized_start=1074
-  _globals['_TASK']._serialized_end=1285
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1287
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1344
-  _globals['_ARTIFACTCHUNK']._serialized_start=1346
-  _globals['_ARTIFACTCHUNK']._serialized_end=1427
-  _globals['_TENSOR']._serialized_start=1429
-  _globals['_TENSOR']._serialized_end=1521
-  _globals['_TENSORBUNDLE']._serialized_start=1523
-  _globals['_TENSORBUNDLE']._serialized_end=1581
-  _globals['_UPDATEMETRICS']._serialized_start=1584
-  _globals['_UPDATEMETRICS']._serialized_end=1741
-  _globals['_UPDATEHEADER']._serialized_start=1744
-  _globals['_UPDATEHEADER']._serialized_end=1946
-  _globals['_UPDATECHUNK']._serialized_start=1948
-  _globals['_UPDATECHUNK']._serialized_end=2036
-  _globals['_DECLINETASKREQUEST']._serialized_start=2038
-  _globals['_DECLINETASKREQUEST']._serialized_end=2106
-  _globals['_DECLINETASKRESPONSE']._serialized_start=2108
-  _globals['_DECLINETASKRESPONSE']._serialized_end=2129
-  _globals['_SUBMITUPDATERESPONSE']._serialized_start=2131
-  _globals['_SUBMITUPDATERESPONSE']._serialized_end=2207
-  _globals['_ERRORDETAIL']._serialized_start=2209
-  _globals['_ERRORDETAIL']._serialized_end=2312
-  _globals['_DEVICESERVICE']._serialized_start=2788
-  _globals['_DEVICESERVICE']._serialized_end=3239
+  _globals['_TRAINCONFIG']._serialized_end=1094
+  _globals['_TASK']._serialized_start=1097
+  _globals['_TASK']._serialized_end=1308
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1310
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1367
+  _globals['_ARTIFACTCHUNK']._serialized_start=1369
+  _globals['_ARTIFACTCHUNK']._serialized_end=1450
+  _globals['_TENSOR']._serialized_start=1452
+  _globals['_TENSOR']._serialized_end=1544
+  _globals['_TENSORBUNDLE']._serialized_start=1546
+  _globals['_TENSORBUNDLE']._serialized_end=1604
+  _globals['_UPDATEMETRICS']._serialized_start=1607
+  _globals['_UPDATEMETRICS']._serialized_end=1764
+  _globals['_UPDATEHEADER']._serialized_start=1767
+  _globals['_UPDATEHEADER']._serialized_end=1969
+  _globals['_UPDATECHUNK']._serialized_start=1971
+  _globals['_UPDATECHUNK']._serialized_end=2059
+  _globals['_DECLINETASKREQUEST']._serialized_start=2061
+  _globals['_DECLINETASKREQUEST']._serialized_end=2129
+  _globals['_DECLINETASKRESPONSE']._serialized_start=2131
+  _globals['_DECLINETASKRESPONSE']._serialized_end=2152
+  _globals['_SUBMITUPDATERESPONSE']._serialized_start=2154
+  _globals['_SUBMITUPDATERESPONSE']._serialized_end=2230
+  _globals['_ERRORDETAIL']._serialized_start=2232
+  _globals['_ERRORDETAIL']._serialized_end=2335
+  _globals['_DEVICESERVICE']._serialized_start=2811
+  _globals['_DEVICESERVICE']._serialized_end=3262
 # @@protoc_insertion_point(module_scope)

@@ -149,7 +149,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., graph_name: _Optional[str] = ...) -> None: ...
 
 class TrainConfig(_message.Message):
-    __slots__ = ("engine", "lr", "local_steps", "batch_size", "seq_len", "seed", "eps", "run_seed", "num_seeds")
+    __slots__ = ("engine", "lr", "local_steps", "batch_size", "seq_len", "seed", "eps", "run_seed", "num_seeds", "probe_indices")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     LR_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class TrainConfig(_message.Message):
     EPS_FIELD_NUMBER: _ClassVar[int]
     RUN_SEED_FIELD_NUMBER: _ClassVar[int]
     NUM_SEEDS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_INDICES_FIELD_NUMBER: _ClassVar[int]
     engine: str
     lr: float
     local_steps: int
@@ -168,7 +169,8 @@ class TrainConfig(_message.Message):
     eps: float
     run_seed: int
     num_seeds: int
-    def __init__(self, engine: _Optional[str] = ..., lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., eps: _Optional[float] = ..., run_seed: _Optional[int] = ..., num_seeds: _Optional[int] = ...) -> None: ...
+    probe_indices: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, engine: _Optional[str] = ..., lr: _Optional[float] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., seq_len: _Optional[int] = ..., seed: _Optional[int] = ..., eps: _Optional[float] = ..., run_seed: _Optional[int] = ..., num_seeds: _Optional[int] = ..., probe_indices: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "round", "config", "artifacts", "adapter", "deadline_seconds")

@@ -1,5 +1,6 @@
-"""docs/android.md's zeroth-order test vectors are what the reference client computes,
-so an independent phone implementation checked against them replays bit for bit."""
+"""docs/android.md's zeroth-order and forward-probe test vectors are what the reference
+client computes, so an independent phone implementation checked against them replays
+bit for bit (and probes the batches the server expects)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import re
 
 import numpy as np
 
-from fedtune.ondevice.engines import batch_order, perturbation, seed_pool
+from fedtune.ondevice.engines import batch_order, perturbation, probe_plan, seed_pool
+from fedtune.ondevice.proto import device_pb2 as pb
 
 from ..conftest import ROOT
 
@@ -30,3 +32,27 @@ def test_the_documented_zeroth_vectors_are_the_reference_clients():
     b = v["batches"]
     order = batch_order(b["num_chunks"], b["batch_size"], b["local_steps"], v["task_seed"])
     assert [x.tolist() for x in order] == b["order"]
+
+
+def test_the_documented_forward_task_is_the_reference_clients():
+    text = (ROOT / "docs" / "android.md").read_text()
+    section = text[text.index("## Forward probes (FwdLLM), exactly") :]
+    block = re.search(r"forward-vectors:begin -->\n```json\n(.*?)\n```", section, re.S)
+    assert block is not None
+    v = json.loads(block.group(1))
+    config = pb.TrainConfig(
+        engine="forward",
+        seed=v["task_seed"],
+        batch_size=v["batch_size"],
+        num_seeds=v["num_seeds"],
+        probe_indices=v["probe_indices"],
+    )
+    plan = probe_plan(config, v["num_chunks"])
+    assert [[j, batch.tolist()] for j, batch in plan] == v["probes"]
+    # The doc's table names every TrainConfig field, and only those: a field added to the
+    # proto must say what a forward task does with it.
+    table = section[: section.index("The artifacts are")]
+    named = {
+        f for cell in re.findall(r"^\| (.+?) \|", table, re.M) for f in re.findall(r"`(\w+)`", cell)
+    }
+    assert named == {f.name for f in pb.TrainConfig.DESCRIPTOR.fields}

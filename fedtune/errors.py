@@ -26,3 +26,7 @@ class DataError(FedtuneError):
 
 class StrategyError(FedtuneError):
     """A strategy name is unknown or its parameters do not fit it."""
+
+
+class RunInterrupted(FedtuneError):
+    """The run was asked to stop (Ctrl-C); its last checkpoint is kept for ``--resume``."""

@@ -16,6 +16,7 @@ With ``[gateway] enabled = true`` the ServerApp also hosts the device gateway
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.checkpoint import Checkpoint, resume_point
 from fedtune.config import Scenario, load_scenario, require_secrets, secret_overrides
+from fedtune.errors import RunInterrupted
 from fedtune.rundir import lock_run_dir
 from fedtune.server.gateway import hosted_gateway
+from fedtune.server.grid import StoppableGrid
 from fedtune.server.loop import Observer, run_federation
 
 
@@ -39,18 +42,30 @@ def make_server_app(
     observer: Observer | None = None,
     expected_nodes: int | None = None,
     resume: Checkpoint | None = None,
+    stop: threading.Event | None = None,
 ) -> ServerApp:
-    """A ServerApp running ``scenario`` (or the one named in the run config)."""
+    """A ServerApp running ``scenario`` (or the one named in the run config).
+
+    Once ``stop`` is set, the run ends at its next grid call, keeping its last
+    checkpoint, and the ServerApp returns without a summary (``fedtune simulate``'s
+    Ctrl-C: the caller, which set ``stop``, reports it).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if scenario is not None:
             out = run_dir or default_run_dir(scenario)
-            with hosted_gateway(scenario, grid, out) as nodes:  # phones join as nodes
-                run_federation(
-                    nodes, scenario, out, observer, expected_nodes=expected_nodes, resume=resume
-                )
+            try:
+                # Phones join as nodes; the stop check wraps them too.
+                with hosted_gateway(scenario, grid, out) as nodes:
+                    nodes = StoppableGrid(nodes, stop) if stop is not None else nodes
+                    run_federation(
+                        nodes, scenario, out, observer, expected_nodes=expected_nodes, resume=resume
+                    )
+            except RunInterrupted:
+                # Return normally: Flower waits 3 s more for a ServerApp that raised.
+                pass
             return
         cfg = context.run_config
         overrides = str(cfg.get("overrides", "")).split()

@@ -12,6 +12,7 @@ is a timeout, not a crash.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedtune.errors import RunInterrupted
 from fedtune.protocol import CLIENT_INDEX_KEY, INFO_KEY
 
 POLL_SECONDS = 0.05
@@ -63,6 +65,42 @@ class WrappedGrid(Grid):
     def pull_replies(self, message_ids: Iterable[str]) -> list[tuple[str, Message]]:
         """Replies that arrived, each paired with the id of the message it answers."""
         return replies_of(self._grid, message_ids)
+
+
+class StoppableGrid(WrappedGrid):
+    """A grid that raises :class:`~fedtune.errors.RunInterrupted` at its next call once
+    ``stop`` is set: the loop, which polls its grid while it waits for replies or nodes,
+    ends within a poll, and the last checkpoint is what a resume starts from."""
+
+    def __init__(self, grid: Grid, stop: threading.Event) -> None:
+        super().__init__(grid)
+        self.stop = stop
+
+    def _go_on(self) -> None:
+        if self.stop.is_set():
+            raise RunInterrupted("the run was asked to stop")
+
+    def get_node_ids(self) -> Iterable[int]:
+        self._go_on()
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        self._go_on()
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        self._go_on()
+        return self._grid.pull_messages(message_ids)
+
+    def pull_replies(self, message_ids: Iterable[str]) -> list[tuple[str, Message]]:
+        self._go_on()
+        return replies_of(self._grid, message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        self._go_on()
+        return self._grid.send_and_receive(messages, timeout=timeout)
 
 
 def replies_of(grid: Grid, message_ids: Iterable[str]) -> list[tuple[str, Message]]:

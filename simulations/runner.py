@@ -1,18 +1,27 @@
 """``fedtune simulate``: check the scenario, then run it on Flower's simulation engine.
 
 The checks (:mod:`fedtune.server.preflight`) run in the driver before Ray starts.
+Ctrl-C asks the run to stop: the ServerApp ends at its next grid call (within a poll),
+the run folder keeps its last checkpoint, and ``fedtune simulate --resume RUN_DIR`` goes
+on from it; a second Ctrl-C interrupts at once. Progress is a live display on a
+terminal and one line per client reply and per round otherwise (a log file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.config import Scenario
-from fedtune.errors import FedtuneError
+from fedtune.errors import FedtuneError, RunInterrupted
 
 if TYPE_CHECKING:
     from fedtune.checkpoint import Checkpoint
@@ -83,26 +92,132 @@ def _run(
             "log_to_driver": verbose,
         },
     }
-    observer = RichProgress(scenario) if progress else None
+    observer = _observer(scenario) if progress else None
+    stop = threading.Event()
     server_app = make_server_app(
-        scenario, run_dir, observer, expected_nodes=num_nodes, resume=resume
+        scenario, run_dir, observer, expected_nodes=num_nodes, resume=resume, stop=stop
     )
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=num_nodes,
-            backend_config=backend_config,  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
+        with stop_on_sigint(stop):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=num_nodes,
+                backend_config=backend_config,  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
     finally:
         if observer is not None:
             observer.close()
     summary_path = run_dir / "summary.json"
+    if stop.is_set() and not summary_path.exists():
+        raise RunInterrupted(_interrupted(run_dir))
     if not summary_path.exists():
         raise FedtuneError(f"the simulation ended without finishing the run in {run_dir}")
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     return summary
+
+
+@contextlib.contextmanager
+def stop_on_sigint(stop: threading.Event) -> Iterator[None]:
+    """While inside, the first Ctrl-C sets ``stop`` (the run ends at its next grid call
+    and keeps its checkpoint); a second raises KeyboardInterrupt as usual.
+
+    Only the main thread can take signals: elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask_to_stop(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print(
+            "\nfedtune: stopping after Ctrl-C (the last checkpoint is kept; Ctrl-C again "
+            "to quit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    previous = signal.signal(signal.SIGINT, ask_to_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted(run_dir: Path) -> str:
+    """What an interrupted run left, and the command that goes on with it."""
+    from fedtune.checkpoint import load_latest_checkpoint
+
+    checkpoint = load_latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        return f"stopped before the first checkpoint: {run_dir} cannot be resumed"
+    return (
+        f"stopped; {run_dir} keeps its checkpoint after round {checkpoint.round}: "
+        f"fedtune simulate --resume {run_dir}"
+    )
+
+
+def _observer(scenario: Scenario) -> RichProgress | LineProgress:
+    """A live display on a terminal; plain lines, printed as they happen, in a log."""
+    return RichProgress(scenario) if sys.stderr.isatty() else LineProgress()
+
+
+def round_line(event: dict[str, Any]) -> str:
+    """One round's outcome on one line; an abandoned round says so and why."""
+    ppl = event.get("perplexity")
+    line = (
+        f"round {event['round']}: perplexity {_number(ppl, 3)}, {event['participants']} "
+        f"updates, {event['rejected']} rejected, {event['dropped']} dropped, "
+        f"{event['wall_seconds']:.1f} s"
+    )
+    if event.get("status") == "abandoned":
+        line += f"; ABANDONED ({event.get('reason', 'no reason given')}), adapter unchanged"
+    return line
+
+
+def client_line(rnd: int, event: dict[str, Any]) -> str:
+    """One client's reply (or its absence) on one line."""
+    status = event.get("status", "")
+    line = f"round {rnd} client {event.get('client')}: {status}"
+    if status == "ok":
+        line += (
+            f", loss {_number(event.get('loss'), 4)}, {int(event.get('bytes_up') or 0)} B up, "
+            f"{_number(event.get('compute_seconds'), 1)} s"
+        )
+    elif event.get("reason"):
+        line += f" ({event['reason']})"
+    return line
+
+
+def _number(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "n/a"
+
+
+class LineProgress:
+    """Progress as plain lines on stderr, flushed at once: for logs and pipes, where a
+    live display shows nothing until it ends."""
+
+    def run_started(self, scenario: Scenario, initial_perplexity: float) -> None:
+        self._print(f"held-out perplexity before round 1: {initial_perplexity:.3f}")
+
+    def round_started(self, rnd: int, sampled: int) -> None:
+        self._print(f"round {rnd}: {sampled} clients sampled")
+
+    def client_done(self, rnd: int, event: dict[str, Any]) -> None:
+        self._print(client_line(rnd, event))
+
+    def round_ended(self, event: dict[str, Any]) -> None:
+        self._print(round_line(event))
+
+    def close(self) -> None:
+        return None
+
+    @staticmethod
+    def _print(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
 
 
 class RichProgress:
@@ -152,11 +267,8 @@ class RichProgress:
         ppl = event.get("perplexity")
         self.progress.advance(self.rounds)
         self.progress.update(self.rounds, info=f"ppl {ppl:.3f}" if ppl is not None else "")
-        self.console.print(
-            f"round {event['round']}: perplexity {ppl:.3f}, {event['participants']} updates, "
-            f"{event['rejected']} rejected, {event['dropped']} dropped, "
-            f"{event['wall_seconds']:.1f} s"
-        )
+        abandoned = event.get("status") == "abandoned"
+        self.console.print(round_line(event), style="bold yellow" if abandoned else None)
 
     def close(self) -> None:
         self.progress.stop()

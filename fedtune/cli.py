@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -101,6 +102,30 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedtune.simulations.runner import simulate, simulate_in_process
+    from fedtune.simulations.sweep import parse_grid, plan, run_sweep
+
+    out = Path(args.out)
+    runs = plan(args.scenario, parse_grid(args.grid), args.seeds, out, args.set)
+    run = simulate_in_process if args.in_process else simulate
+    summaries = run_sweep(
+        args.scenario, runs, out, functools.partial(run, progress=not args.no_progress)
+    )
+    print(f"sweep of {len(summaries)} runs in {out}: fedtune compare {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedtune.compare import compare
+
+    paths = [Path(p) for p in args.runs]
+    sweep = len(paths) == 1 and (paths[0] / "sweep.json").is_file()
+    out = Path(args.out) if args.out else paths[0] if sweep else Path("compare")
+    print(compare(paths, out))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from fedtune.report import write_report
 
@@ -116,6 +141,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set_argument(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
+
+
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     """SCENARIO, --set, --out and --resume: shared by ``simulate`` and ``serve``."""
     p.add_argument(
@@ -124,13 +153,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a shipped scenario name or a .toml path (default: quickstart)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one scenario key (repeatable)",
-    )
+    _add_set_argument(p, "override one scenario key (repeatable)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<time>-<scenario>)")
     p.add_argument(
         "--resume",
@@ -186,6 +209,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("strategies", help="list the registered strategies")
     p.set_defaults(func=cmd_strategies)
+
+    p = sub.add_parser(
+        "sweep", help="run a scenario over a grid of overrides and seeds, one run after another"
+    )
+    p.add_argument("scenario", help="a shipped scenario name or a .toml path")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=V1,V2",
+        help="values to sweep for one key (repeatable: the grid is their product)",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds per grid point (run.seed, +1 each)")
+    _add_set_argument(p, "override one key in every run (repeatable)")
+    p.add_argument("--out", required=True, help="the sweep folder (run again to resume the sweep)")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run clients in this process, one after another, without Ray (tiny models)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress display")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="tabulate and plot runs or sweeps: mean +- std over seeds")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders or sweep folders")
+    p.add_argument(
+        "--out", default=None, help="output folder (default: the sweep folder, or ./compare)"
+    )
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="write report.md and plots for a run folder")
     p.add_argument("run_dir")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from fedtune.errors import FedtuneError
 from fedtune.metrics import atomic_write_text, read_events
@@ -29,12 +30,18 @@ def plot_perplexity(run_dir: Path) -> Path:
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out = run_dir / "perplexity.png"
-    tmp = run_dir / ".perplexity.tmp.png"
+    return save_figure(fig, run_dir / "perplexity.png")
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Save a matplotlib figure as ``path`` (PNG) via a temp file and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(out)
-    return out
+    tmp.replace(path)
+    return path
 
 
 def write_report(run_dir: Path) -> Path:

@@ -39,14 +39,9 @@ def simulate(
     With ``resume`` (see :func:`fedtune.checkpoint.resume_point`), continue the run in
     ``run_dir``. The run folder is locked from before its first file to the end.
     """
-    from fedtune.config import require_secrets
-    from fedtune.rundir import check_new_run_dir
     from fedtune.server.preflight import preflight, prepare_run_dir
 
-    require_secrets(scenario)
-    if resume is None:
-        check_new_run_dir(run_dir)  # a file or a busy folder costs no preflight
-
+    _check_run_dir(scenario, run_dir, resume)
     if not verbose:
         # Keep the screen for fedtune's progress: Flower's deprecation notice for
         # run_simulation and library FutureWarnings say nothing a user can act on.
@@ -59,6 +54,46 @@ def simulate(
     run_dir = Path(run_dir)
     with prepare_run_dir(run_dir, resume=resume is not None):
         return _run(scenario, run_dir, population, progress, verbose, resume)
+
+
+def _check_run_dir(scenario: Scenario, run_dir: Path, resume: Checkpoint | None) -> None:
+    """Secrets given, and a new run's folder free: checks that cost no preflight."""
+    from fedtune.config import require_secrets
+    from fedtune.rundir import check_new_run_dir
+
+    require_secrets(scenario)
+    if resume is None:
+        check_new_run_dir(run_dir)
+
+
+def simulate_in_process(
+    scenario: Scenario,
+    run_dir: Path,
+    progress: bool = True,
+    verbose: bool = False,
+    resume: Checkpoint | None = None,
+) -> dict[str, Any]:
+    """:func:`simulate` without Ray: the same preflight, run folder and round loop, with
+    each client's real ClientApp called in this process, one after another
+    (:class:`~fedtune.server.inprocess.InProcessGrid`). For sweeps of tiny models and
+    debugging, where Ray's start (seconds) and isolation add nothing."""
+    from fedtune.server.inprocess import InProcessGrid, task_identity
+    from fedtune.server.loop import run_federation
+    from fedtune.server.preflight import preflight, prepare_run_dir
+
+    _check_run_dir(scenario, run_dir, resume)
+    population = preflight(scenario)
+    nodes = scenario.simulation.num_supernodes or population
+    observer = _observer(scenario) if progress else None
+    try:
+        with prepare_run_dir(Path(run_dir), resume=resume is not None), task_identity():
+            grid = InProcessGrid({1000 + i: i for i in range(nodes)})
+            return run_federation(
+                grid, scenario, Path(run_dir), observer, expected_nodes=nodes, resume=resume
+            )
+    finally:
+        if observer is not None:
+            observer.close()
 
 
 def _run(

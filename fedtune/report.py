@@ -45,37 +45,72 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 
 def write_report(run_dir: Path) -> Path:
-    """``report.md`` with the round table and the plot; needs ``metrics.jsonl``."""
+    """``report.md``: the outcome, one row per round (abandoned rounds marked, bytes,
+    participation per tier, simulated and wall time, epsilon), the clients that were
+    dropped or rejected with their reasons, and the plot; needs ``metrics.jsonl``."""
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         raise FedtuneError(f"{run_dir} is not a run folder (no metrics.jsonl)")
     plot = plot_perplexity(run_dir)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    rounds = list(read_events(run_dir / "metrics.jsonl", "round"))
+    clients = list(read_events(run_dir / "metrics.jsonl", "client_update"))
+    abandoned = [r["round"] for r in rounds if r.get("status") == "abandoned"]
     lines = [f"# fedtune run `{run_dir.name}`", ""]
     if not summary:
         lines += ["**Unfinished**: no summary.json (the run stopped early).", ""]
     else:
+        ran = max((r["round"] for r in rounds), default=0)
         lines += [
-            f"Scenario `{summary.get('scenario')}`, {summary.get('rounds_completed')} rounds, "
-            f"perplexity {summary.get('initial_perplexity'):.3f} -> "
-            f"{summary.get('final_perplexity'):.3f}, {summary.get('wall_seconds'):.1f} s.",
+            f"Scenario `{summary.get('scenario')}`: {ran} of {summary.get('rounds')} rounds run, "
+            f"{ran - len(abandoned)} aggregated, {len(abandoned)} abandoned; perplexity "
+            f"{_num(summary.get('initial_perplexity'), 3)} -> "
+            f"{_num(summary.get('final_perplexity'), 3)}; "
+            f"{summary.get('bytes_up', 0) / 1e6:.2f} MB up, "
+            f"{summary.get('bytes_down', 0) / 1e6:.2f} MB down; "
+            f"{_num(summary.get('wall_seconds'), 1)} s wall"
+            + (
+                f", {summary['simulated_seconds']:.1f} s simulated"
+                if "simulated_seconds" in summary
+                else ""
+            )
+            + ".",
             "",
         ]
     lines += [
-        "| round | perplexity | participants | rejected | train loss | wall s |",
-        "|---|---|---|---|---|---|",
+        "| round | status | perplexity | participants / sampled | by tier | rejected | dropped "
+        "| train loss | MB up | MB down | wall s | simulated s | epsilon |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in read_events(run_dir / "metrics.jsonl", "round"):
-        ppl = r.get("perplexity")
-        loss = r.get("train_loss")
+    for r in rounds:
+        status = r.get("status", "start" if r["round"] == 0 else "ok")
+        if status == "abandoned":
+            status = f"**abandoned**: {r.get('reason', '')}"
+        tiers = r.get("participants_by_tier") or {}
         lines.append(
-            f"| {r['round']} | {ppl:.3f} | {r.get('participants', 0)} | {r.get('rejected', 0)} | "
-            f"{'' if loss is None else f'{loss:.4f}'} | {r.get('wall_seconds', 0):.1f} |"
-            if ppl is not None
-            else f"| {r['round']} | | {r.get('participants', 0)} | {r.get('rejected', 0)} | | |"
+            f"| {r['round']} | {status} | {_num(r.get('perplexity'), 3)} "
+            f"| {r.get('participants', 0)} / {r.get('sampled', 0)} "
+            f"| {' '.join(f'{k}:{v}' for k, v in sorted(tiers.items()))} "
+            f"| {r.get('rejected', 0)} | {r.get('dropped', 0)} | {_num(r.get('train_loss'), 4)} "
+            f"| {r.get('bytes_up', 0) / 1e6:.3f} | {r.get('bytes_down', 0) / 1e6:.3f} "
+            f"| {_num(r.get('wall_seconds'), 1)} | {_num(r.get('simulated_seconds'), 1)} "
+            f"| {_num(r.get('epsilon'), 3)} |"
         )
+    left_out = [c for c in clients if c.get("status") in ("rejected", "dropped")]
+    if left_out:
+        lines += ["", "## Dropped and rejected clients", "", "| round | client | status | reason |"]
+        lines += ["|---|---|---|---|"]
+        lines += [
+            f"| {c.get('round')} | {c.get('client')} | {c['status']} | {c.get('reason', '')} |"
+            for c in left_out
+        ]
     lines += ["", f"![perplexity]({plot.name})", ""]
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))
     return out
+
+
+def _num(value: Any, digits: int) -> str:
+    """A number for a table cell; empty where there is none (or it was not finite)."""
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else ""

@@ -394,7 +394,7 @@ def test_a_torn_last_event_line_is_dropped_by_every_reader(tmp_path, capsys, cap
     assert "torn last line" in caplog.text
 
     assert main(["report", str(tmp_path)]) == 0  # `fedtune report` of the crashed run
-    assert "| 2 | 8.000 |" in (tmp_path / "report.md").read_text()
+    assert "| 2 | ok | 8.000 |" in (tmp_path / "report.md").read_text()
     capsys.readouterr()
 
     _truncate_events(path, 1)  # what the loop does on resume

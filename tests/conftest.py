@@ -25,9 +25,10 @@ HEAVY_MODULES = {
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests under ``tests/integration`` start Ray, Flower's servers, gateways or the
-    ``fedtune`` command in subprocesses: marked ``integration``; the costliest unit
-    modules are marked ``heavy``. ``make test-fast`` leaves both out; ``make test``
+    """Tests under ``tests/integration`` run whole federations — on Ray, Flower's
+    servers, gateways, the ``fedtune`` command in subprocesses, or in this process
+    (:func:`simulate_here`): marked ``integration``; the costliest unit modules are
+    marked ``heavy``. ``make test-fast`` leaves both out; ``make test``
     runs everything."""
     for item in items:
         path = Path(str(item.fspath))
@@ -67,6 +68,24 @@ def run_cli(
         timeout=timeout,
         cwd=ROOT,
     )
+
+
+def simulate_here(scenario: str, out: Path, *args: str) -> dict:
+    """``fedtune simulate SCENARIO --out OUT --set ...`` without Ray
+    (:func:`fedtune.simulations.runner.simulate_in_process`: the same preflight, run
+    folder and round loop, each client's real ClientApp called in this process).
+
+    ``args`` are the command's ``--set KEY=VALUE`` pairs, so a test reads as the command
+    it stands for. For what Ray adds nothing to; tests of the command and of Flower's
+    simulation engine themselves use :func:`run_cli`.
+    """
+    from fedtune.config import load_scenario
+    from fedtune.simulations.runner import simulate_in_process
+
+    flags, overrides = args[0::2], list(args[1::2])
+    if set(flags) - {"--set"} or len(flags) != len(overrides):
+        raise ValueError(f"simulate_here takes --set KEY=VALUE pairs only, got {args}")
+    return simulate_in_process(load_scenario(scenario, overrides), out, progress=False)
 
 
 def watch_and_board(folder: Path) -> Path:

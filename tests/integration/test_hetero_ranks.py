@@ -1,4 +1,4 @@
-"""Device tiers of different LoRA ranks in real Flower simulations.
+"""Device tiers of different LoRA ranks in whole federations (real ClientApps).
 
 Two tiers: "small" trains rank 2, "big" the scenario's rank 4. Every accepted update is
 kept (``run.save_updates``), so the ranks the clients really trained are checked
@@ -17,7 +17,7 @@ from fedtune.checkpoint import Checkpoint, checkpoint_path
 from fedtune.metrics import read_events
 from fedtune.strategies.lora_math import rank_of
 
-from ..conftest import run_cli
+from ..conftest import run_cli, simulate_here
 
 TIERS = "".join(
     f"[tiers.{name}]\nslowdown = 1\nmemory_mb = 64000\nuplink_mbps = 100\ndownlink_mbps = 100\n"
@@ -26,16 +26,10 @@ TIERS = "".join(
 )
 
 
-def simulate(tmp: Path, strategy: str):
+def settings(tmp: Path, strategy: str) -> list[str]:
     tiers = tmp / "tiers.toml"
     tiers.write_text(TIERS)
-    out = tmp / strategy
-    result = run_cli(
-        "simulate",
-        "tiny",
-        "--out",
-        str(out),
-        "--no-progress",
+    return [
         "--set",
         f"strategy.name={strategy!r}",
         "--set",
@@ -48,8 +42,7 @@ def simulate(tmp: Path, strategy: str):
         "round.deadline_s=1e6",
         "--set",
         "round.clients_per_round=6",  # every client, both tiers, every round
-    )
-    return out, result
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +50,8 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ranks")
     found = {}
     for name in ("flora", "hetlora", "flexlora"):
-        out, result = simulate(root, name)
-        assert result.returncode == 0, result.stderr[-3000:]
-        found[name] = out
+        simulate_here("tiny", root / name, *settings(root, name))
+        found[name] = root / name
     return found
 
 
@@ -90,7 +82,9 @@ def test_each_client_trains_its_tier_rank_and_the_global_keeps_lora_r(runs, name
 
 
 def test_a_strategy_that_cannot_mix_ranks_stops_before_the_run(tmp_path):
-    out, result = simulate(tmp_path, "fedavg")
+    out = tmp_path / "fedavg"
+    args = settings(tmp_path, "fedavg")
+    result = run_cli("simulate", "tiny", "--out", str(out), "--no-progress", *args)
     assert result.returncode == 2
     assert "cannot aggregate adapters of different LoRA ranks" in result.stderr
     assert "small (rank 2)" in result.stderr

@@ -1,4 +1,4 @@
-"""FFA-LoRA and FedSA-LoRA in real Flower simulations of the tiny scenario.
+"""FFA-LoRA and FedSA-LoRA in whole federations of the tiny scenario (real ClientApps).
 
 ``run.save_updates`` keeps every accepted client update, so what the clients did is
 checked tensor by tensor: under FFA-LoRA no client and no round moves A; under
@@ -18,24 +18,15 @@ from safetensors.torch import load_file
 
 from fedtune.checkpoint import Checkpoint, checkpoint_path
 
-from ..conftest import run_cli
+from ..conftest import simulate_here
 
 Adapter = dict[str, torch.Tensor]
 
 
 def simulate(out: Path, strategy: str) -> Path:
-    result = run_cli(
-        "simulate",
-        "tiny",
-        "--set",
-        f"strategy.name={strategy}",
-        "--set",
-        "run.save_updates=true",
-        "--out",
-        str(out),
-        "--no-progress",
+    simulate_here(
+        "tiny", out, "--set", f"strategy.name={strategy}", "--set", "run.save_updates=true"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
     assert 'name = "' + strategy + '"' in (out / "scenario.toml").read_text()

@@ -6,13 +6,12 @@ import json
 
 from fedtune.metrics import read_events
 
-from ..conftest import run_cli, watch_and_board
+from ..conftest import simulate_here, watch_and_board
 
 
 def test_phones_scenario_reports_tiers_and_simulated_time(tmp_path):
     out = tmp_path / "phones"
-    result = run_cli("simulate", "phones", "--out", str(out), "--no-progress")
-    assert result.returncode == 0, result.stderr[-3000:]
+    simulate_here("phones", out)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["simulated_seconds"] > 0 and summary["clients_dropped"] > 0
     rounds = [r for r in read_events(out / "metrics.jsonl", "round") if r["round"] > 0]
@@ -48,12 +47,9 @@ def test_phones_scenario_reports_tiers_and_simulated_time(tmp_path):
 def test_a_device_too_small_for_the_training_is_not_sent_work(tmp_path):
     tiers = watch_and_board(tmp_path)
     out = tmp_path / "run"
-    result = run_cli(
-        "simulate",
+    simulate_here(
         "phones",
-        "--out",
-        str(out),
-        "--no-progress",
+        out,
         "--set",
         f"devices.profiles={tiers}",
         "--set",
@@ -65,7 +61,6 @@ def test_a_device_too_small_for_the_training_is_not_sent_work(tmp_path):
         "--set",
         "round.min_reports=1",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     updates = list(read_events(out / "metrics.jsonl", "client_update"))
     first = [u for u in updates if u["round"] == 1]
     later = [u for u in updates if u["round"] > 1]

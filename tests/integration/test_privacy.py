@@ -1,4 +1,5 @@
-"""A real `fedtune simulate tiny` run with central DP, secure aggregation and a budget."""
+"""A whole tiny federation (real ClientApps) with central DP, secure aggregation and a
+budget."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from fedtune.metrics import read_events
 
-from ..conftest import run_cli
+from ..conftest import simulate_here
 
 SIGMA, DELTA, POPULATION, SAMPLE = 0.8, 1e-4, 6, 3
 
@@ -30,17 +31,13 @@ def independent_epsilon(rounds: int) -> float:
 def private_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "private"
     budget = (independent_epsilon(2) + independent_epsilon(3)) / 2  # round 3 would exceed it
-    result = run_cli(
-        "simulate",
+    simulate_here(
         "tiny",
-        "--out",
-        str(out),
-        "--no-progress",
+        out,
         *("--set", "run.rounds=3", "--set", 'privacy.mode="central"'),
         *("--set", f"privacy.noise_multiplier={SIGMA}", "--set", f"privacy.target_delta={DELTA}"),
         *("--set", f"privacy.max_epsilon={budget}", "--set", "privacy.secure_aggregation=true"),
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 

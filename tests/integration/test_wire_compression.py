@@ -1,4 +1,4 @@
-"""Compressed uploads through a real simulation: smaller, decoded, aggregated."""
+"""Compressed uploads through a whole federation: smaller, decoded, aggregated."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from fedtune.metrics import read_events
 
-from ..conftest import run_cli
+from ..conftest import simulate_here
 
 
 @pytest.fixture(scope="module")
@@ -16,16 +16,7 @@ def runs(tmp_path_factory):
     out = {}
     for wire in ("fp32", "int8"):
         run_dir = tmp_path_factory.mktemp("wire") / wire
-        result = run_cli(
-            "simulate",
-            "tiny",
-            "--out",
-            str(run_dir),
-            "--no-progress",
-            "--set",
-            f"client.wire_dtype={wire}",
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+        simulate_here("tiny", run_dir, "--set", f"client.wire_dtype={wire}")
         out[wire] = run_dir
     return out
 

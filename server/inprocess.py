@@ -25,24 +25,13 @@ from flwr.supercore.run import Run
 from fedtune.protocol import PARTITION_KEY
 
 
-class InProcessGrid(Grid):
-    """Node ``n`` serves client ``clients[n]`` (its ``partition-id``) by calling ``app``
-    (default: fedtune's ClientApp) in this process."""
+class ListedGrid(Grid):
+    """A Flower Grid over a fixed list of node ids whose messages are built here: enough
+    for a strategy's ``configure_train`` (which samples node ids and builds messages).
+    It has no transport: pushing or pulling messages is refused."""
 
-    def __init__(self, clients: dict[int, int], app: Any = None) -> None:
-        if app is None:
-            from fedtune.clients.app import app
-        self.app = app
-        self.node_ids = list(clients)
-        self.contexts = {
-            node: Context(1, node, {PARTITION_KEY: index}, RecordDict(), {})
-            for node, index in clients.items()
-        }
-        self.replies: dict[str, Message] = {}
-        self.silent: set[int] = set()
-        """Nodes that have gone away: they answer nothing."""
-        self.delivered: list[Message] = []
-        self._next = 0
+    def __init__(self, node_ids: Iterable[int]) -> None:
+        self.node_ids = list(node_ids)
         self._run: Run | None = None
 
     def set_run(self, run: Run) -> None:
@@ -68,6 +57,37 @@ class InProcessGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError(f"{type(self).__name__} has no transport")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError(f"{type(self).__name__} has no transport")
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        raise NotImplementedError(f"{type(self).__name__} has no transport")
+
+
+class InProcessGrid(ListedGrid):
+    """Node ``n`` serves client ``clients[n]`` (its ``partition-id``) by calling ``app``
+    (default: fedtune's ClientApp) in this process."""
+
+    def __init__(self, clients: dict[int, int], app: Any = None) -> None:
+        super().__init__(clients)
+        if app is None:
+            from fedtune.clients.app import app
+        self.app = app
+        self.contexts = {
+            node: Context(1, node, {PARTITION_KEY: index}, RecordDict(), {})
+            for node, index in clients.items()
+        }
+        self.replies: dict[str, Message] = {}
+        self.silent: set[int] = set()
+        """Nodes that have gone away: they answer nothing."""
+        self.delivered: list[Message] = []
+        self._next = 0
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Run each message's ClientApp now; its reply waits for :meth:`pull_messages`.

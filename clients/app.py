@@ -9,6 +9,7 @@ across rounds, so each is built once per process.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -20,7 +21,13 @@ from flwr.clientapp import ClientApp
 from fedtune.attacks import attack_update, attackers
 from fedtune.config import AttackConfig, DataConfig, LoraConfig, ModelConfig
 from fedtune.data import build_population, client_train_chunks
-from fedtune.engines import ForwardSettings, ProbeSettings, engine_settings, get_engine
+from fedtune.engines import (
+    ForwardSettings,
+    ProbeSettings,
+    ZerothSettings,
+    engine_settings,
+    get_engine,
+)
 from fedtune.engines.forward import ForwardEngine
 from fedtune.errors import DataError
 from fedtune.metrics import peak_rss_mb, reset_peak_rss
@@ -34,6 +41,7 @@ from fedtune.protocol import (
     METRICS_KEY,
     PARTITION_KEY,
     SECAGG_ACTION,
+    SEED_WEIGHTS_KEY,
     SEEDS_KEY,
     TrainInstructions,
     TrainReport,
@@ -150,6 +158,10 @@ def train(message: Message, context: Context) -> Message:
         proximal_mu=asked.proximal_mu,
         train_only=asked.train_only,
     )
+    weights = message.content.array_records.get(SEED_WEIGHTS_KEY)
+    if weights is not None and isinstance(settings, ZerothSettings):  # FedKSeed-Pro
+        probabilities = tuple(float(p) for p in weights["p"].numpy().tolist())
+        settings = dataclasses.replace(settings, seed_probabilities=probabilities)
     if SEEDS_KEY in message.content.array_records:
         received = catch_up(context, asked, message.content.array_records[SEEDS_KEY], settings)
     else:

@@ -41,6 +41,9 @@ SEEDS_KEY = "seed-steps"
 server's catch-up steps in place of the adapter."""
 INFO_KEY = "info"
 """Discovery: a query with this record asks a node which client it is."""
+SEED_WEIGHTS_KEY = "seed-probabilities"
+"""FedKSeed-Pro: the probability of each seed of the pool (float32, K), with which a
+zeroth client draws its steps' seeds (absent: uniformly)."""
 GUIDE_KEY = "guide"
 """FwdLLM's discriminative sampling: the previous aggregation's merged seed steps (as
 :data:`SEEDS_KEY`), from which a client rebuilds the last global gradient estimate."""

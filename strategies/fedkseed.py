@@ -19,20 +19,24 @@ bit for bit (the round loop sends them instead of the adapter when they are smal
 with the adapter's digest to check against). Up to fp32 rounding this is the FedAvg of
 the replayed adapters.
 
-Deviation from the paper: FedKSeed also scores seeds by the magnitude of their
-accumulated scalars and samples them non-uniformly (FedKSeed-Pro); fedtune samples
-seeds uniformly.
+With ``importance = True`` (FedKSeed-Pro) clients draw seeds non-uniformly: each
+message carries a probability per seed of the pool (a softmax of each seed's min-max
+normalized mean scalar amplitude so far, :func:`fedtune.engines.seeds.seed_probabilities`;
+4 bytes a seed), so seeds whose directions moved the loss more are probed more often.
+Phones (the device gateway) draw uniformly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import cast
+from typing import Any, cast
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 
-from fedtune.engines.seeds import aggregate_steps, replay
-from fedtune.protocol import StrategyTraits
+from fedtune.engines.seeds import aggregate_steps, replay, seed_probabilities
+from fedtune.protocol import SEED_WEIGHTS_KEY, StrategyTraits
 from fedtune.strategies.seed_steps import SeedStepStrategy
 from fedtune.wire import to_record
 
@@ -46,6 +50,26 @@ class FedKSeed(SeedStepStrategy):
 
     traits = StrategyTraits(seed_steps=True)
     engine = "zeroth"
+
+    def __init__(self, importance: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.importance = importance
+        """FedKSeed-Pro: clients draw seeds with probabilities by importance."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's sampling and messages; under ``importance``, each message carries
+        the seed probabilities."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if not self.importance:
+            return messages
+        weights = seed_probabilities(self.seed_history, len(self._pool))
+        if weights is not None:
+            record = ArrayRecord({"p": Array(weights.astype(np.float32))})
+            for message in messages:
+                message.content[SEED_WEIGHTS_KEY] = record
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -65,6 +65,8 @@ class ZerothSettings(LocalTraining):
     """K, the size of the seed pool."""
     run_seed: int
     """The run's seed: fixes the seed pool, which the server and all clients share."""
+    seed_probabilities: tuple[float, ...] = ()
+    """FedKSeed-Pro: the probability of drawing each seed of the pool (empty: uniform)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +74,10 @@ class ZerothSettings(LocalTraining):
             raise ConfigError(f"eps must be positive, got {self.eps!r}")
         if self.num_seeds < 1:
             raise ConfigError(f"num-seeds must be at least 1, got {self.num_seeds!r}")
+        if self.seed_probabilities and len(self.seed_probabilities) != self.num_seeds:
+            raise ConfigError(
+                f"{len(self.seed_probabilities)} seed probabilities for a pool of {self.num_seeds}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

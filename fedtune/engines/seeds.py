@@ -111,6 +111,30 @@ def aggregate_steps(
     return [(index, float(np.float32(sums[index]))) for index in sorted(sums)]
 
 
+def seed_probabilities(history: Sequence[Sequence[SeedStep]], k: int) -> np.ndarray | None:
+    """FedKSeed-Pro's non-uniform seed sampling: a probability per seed of the pool of
+    ``k`` from the history of merged steps (None while it is empty: uniform).
+
+    A seed's importance is the mean amplitude ``|g|`` of its scalars so far (a seed not
+    used yet gets the mean over those used); importances are min-max normalized to
+    [0, 1] and the probabilities are their softmax, so the most important seed is drawn
+    at most ``e`` times as often as the least.
+    """
+    totals, counts = np.zeros(k), np.zeros(k)
+    for steps in history:
+        for index, scalar in steps:
+            totals[index] += abs(scalar)
+            counts[index] += 1
+    used = counts > 0
+    if not used.any():
+        return None
+    amplitude = np.where(used, totals / np.maximum(counts, 1), (totals[used] / counts[used]).mean())
+    spread = amplitude.max() - amplitude.min()
+    normalized = (amplitude - amplitude.min()) / spread if spread > 0 else np.zeros(k)
+    weights = np.exp(normalized - normalized.max())
+    return weights / weights.sum()
+
+
 def encode_steps(steps: Sequence[SeedStep]) -> bytes:
     """Steps on the wire: ``n`` little-endian int32 seed indices, then ``n`` fp32 scalars."""
     n = len(steps)

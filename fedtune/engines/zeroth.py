@@ -55,9 +55,12 @@ class ZerothEngine:
         anchor = {k: master[k].clone() for k in keys} if config.proximal_mu > 0 else {}
         specs = [(k, tuple(master[k].shape)) for k in keys]
         pool = seed_pool(config.run_seed, config.num_seeds)
-        picks = np.random.default_rng(config.seed).integers(
-            config.num_seeds, size=config.local_steps
-        )
+        rng = np.random.default_rng(config.seed)
+        if config.seed_probabilities:  # FedKSeed-Pro: important seeds more often
+            weights = np.asarray(config.seed_probabilities, dtype=np.float64)
+            picks = rng.choice(config.num_seeds, size=config.local_steps, p=weights / weights.sum())
+        else:
+            picks = rng.integers(config.num_seeds, size=config.local_steps)
         batches = sample_batches(len(chunks), config.batch_size, config.local_steps, config.seed)
         steps: list[SeedStep] = []
         losses: list[float] = []

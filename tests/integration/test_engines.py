@@ -53,6 +53,22 @@ def test_zeroth_uploads_seeds_and_fedkseed_clients_catch_up_bit_for_bit(tmp_path
     assert not all(torch.equal(initial[k], last.adapter[k]) for k in initial)
 
 
+def test_fedkseed_pro_sends_seed_probabilities_and_clients_draw_by_them(tmp_path):
+    out = tmp_path / "pro"
+    simulate_here(
+        "tiny", out, *ZEROTH, "--set", "strategy.name='fedkseed'",
+        "--set", "strategy.importance=true", "--set", "client.num_seeds=64",
+    )  # fmt: skip
+    updates = list(read_events(out / "metrics.jsonl", "client_update"))
+    assert updates and all(u["status"] == "ok" for u in updates)
+    # Round 2's messages carry a probability per seed (4 bytes each) on top of round 1's.
+    first = min(u["bytes_down"] for u in updates if u["round"] == 1)
+    full_second = max(u["bytes_down"] for u in updates if u["round"] == 2)
+    assert 64 * 4 <= full_second - first < 64 * 4 + 300
+    history = load_latest_checkpoint(out / "checkpoints").strategy["custom"]["seed_history"]
+    assert len(history) == 2 and all(0 <= i < 64 for merged in history for i, _ in merged)
+
+
 def test_forward_and_zeroth_train_under_fedavg(tmp_path):
     for engine in ("forward", "zeroth"):
         out = tmp_path / engine

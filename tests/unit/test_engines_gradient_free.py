@@ -240,6 +240,19 @@ def test_forward_mode_passes_through_torchao_int8(dtype):
     check_forward_ad(model)
 
 
+def test_zeroth_draws_seeds_with_fedkseed_pro_probabilities(tiny_peft, chunks):
+    probabilities = [0.0] * 16
+    probabilities[5] = 1.0  # every step must draw seed 5
+    config = engine_config(
+        "zeroth", lr=1e-3, local_steps=4, batch_size=2, num_seeds=16,
+        seed_probabilities=tuple(probabilities),
+    )  # fmt: skip
+    update = get_engine("zeroth").train(tiny_peft, chunks, config)
+    assert [index for index, _ in update.seed_steps] == [5, 5, 5, 5]
+    with pytest.raises(ConfigError, match="3 seed probabilities for a pool of 16"):
+        dataclasses.replace(config, seed_probabilities=(0.5, 0.25, 0.25))
+
+
 def test_zeroth_refuses_weight_decay(tiny_peft, chunks):
     config = engine_config("zeroth", lr=1e-2, local_steps=1, batch_size=2, weight_decay=0.1)
     with pytest.raises(ConfigError, match="engine 'zeroth' applies no weight decay"):

@@ -19,7 +19,13 @@ from flwr.app import (
 
 from fedtune.clients.seed_history import catch_up, keep_global
 from fedtune.config import load_scenario
-from fedtune.engines.seeds import adapter_digest, aggregate_steps, replay, seed_pool
+from fedtune.engines.seeds import (
+    adapter_digest,
+    aggregate_steps,
+    replay,
+    seed_pool,
+    seed_probabilities,
+)
 from fedtune.errors import ConfigError, DataError
 from fedtune.protocol import (
     ARRAYS_KEY,
@@ -28,6 +34,7 @@ from fedtune.protocol import (
     DIGEST_KEY,
     ENGINE_KEY,
     METRICS_KEY,
+    SEED_WEIGHTS_KEY,
     SEEDS_KEY,
     VERSION_KEY,
     WEIGHT_KEY,
@@ -239,3 +246,32 @@ def test_fedkseed_refuses_an_engine_that_does_not_send_seed_steps():
     config = ConfigRecord({**SPEC, "client.engine": "backprop"})
     with pytest.raises(ConfigError, match="client.engine = 'zeroth'"):
         strategy.configure_train(1, to_record(ADAPTER), config, NodeListGrid(range(1, 5)))
+
+
+def test_fedkseed_pro_probabilities_follow_each_seeds_mean_amplitude():
+    history = [[(1, 2.0), (2, -0.5)], [(1, -4.0)]]
+    # Amplitudes: seed 1 -> 3, seed 2 -> 0.5, unused seeds -> their mean 1.75;
+    # min-max normalized to 1, 0 and 0.5; probabilities are their softmax.
+    p = seed_probabilities(history, 4)
+    e = np.exp([0.5, 1.0, 0.0, 0.5])
+    assert np.allclose(p, e / e.sum())
+    assert seed_probabilities([], 4) is None
+
+
+def test_fedkseed_pro_sends_the_probabilities_once_there_is_a_history():
+    strategy = build_strategy("fedkseed", {"importance": True}, population=4, clients_per_round=2)
+    config = ConfigRecord({**SPEC, "round": 1})
+    with seeded_global_random(0, 1):
+        first = list(
+            strategy.configure_train(1, to_record(ADAPTER), config, NodeListGrid(range(1, 5)))
+        )
+    assert all(SEED_WEIGHTS_KEY not in m.content.array_records for m in first)
+    strategy.seed_history.append([(3, 1.0), (7, -0.25)])
+    with seeded_global_random(0, 2):
+        second = list(
+            strategy.configure_train(2, to_record(ADAPTER), config, NodeListGrid(range(1, 5)))
+        )
+    for message in second:
+        p = message.content.array_records[SEED_WEIGHTS_KEY]["p"].numpy()
+        assert p.shape == (K,) and p.dtype == np.float32 and np.isclose(p.sum(), 1.0)
+        assert p[3] == p.max() and p[7] == p.min()

@@ -50,6 +50,10 @@ def simulate(
             warnings.filterwarnings("ignore", category=category)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray's workers train while the driver evaluates: OpenMP threads that spin-wait
+    # for cores another process holds slowed a training step tenfold on 2 cores.
+    # Workers inherit the driver's environment (a user's own setting wins).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     population = preflight(scenario)
     run_dir = Path(run_dir)
     with prepare_run_dir(run_dir, resume=resume is not None):

@@ -99,6 +99,9 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
     for name, entry in registered().items():
         print(f"{name:<16} {entry.description()}  [{entry.distribution}: {entry.target}]")
+        if args.verbose:
+            for key, default in entry.parameters().items():
+                print(f"{'':<18}{key} = {default}" if default else f"{'':<18}{key} (required)")
     return 0
 
 
@@ -208,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_scenarios)
 
     p = sub.add_parser("strategies", help="list the registered strategies")
+    p.add_argument(
+        "--verbose", "-v", action="store_true", help="also list each one's [strategy] keys"
+    )
     p.set_defaults(func=cmd_strategies)
 
     p = sub.add_parser(

@@ -58,6 +58,17 @@ SAMPLING_KEYS = (
 )
 
 
+PLUMBING_KEYS = (
+    "weighted_by_key",
+    "arrayrecord_key",
+    "configrecord_key",
+    "train_metrics_aggr_fn",
+    "evaluate_metrics_aggr_fn",
+)
+"""Flower's FedAvg-family arguments that name records and functions: fedtune's loop
+fixes them, so ``fedtune strategies --verbose`` does not offer them."""
+
+
 @dataclass(frozen=True)
 class Registered:
     name: str
@@ -82,6 +93,31 @@ class Registered:
     def description(self) -> str:
         doc = inspect.getdoc(self.load()) or ""
         return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    def parameters(self) -> dict[str, str]:
+        """The ``[strategy]`` keys it accepts, each with its default as written (``""``:
+        required), its own first, then those its ``**kwargs`` pass on to a base class;
+        the sampling keys (``[round]`` sets them) and :data:`PLUMBING_KEYS` are left out."""
+        found: dict[str, str] = {}
+        target = self.load()
+        funcs = (
+            [c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)]
+            if inspect.isclass(target)
+            else [target]
+        )
+        for func in funcs:
+            try:
+                sig = inspect.signature(func)
+            except (TypeError, ValueError):  # a builtin's
+                break
+            named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            for name, p in sig.parameters.items():
+                if p.kind in named and name not in ("self", *SAMPLING_KEYS, *PLUMBING_KEYS):
+                    default = "" if p.default is p.empty else repr(p.default)
+                    found.setdefault(name, default)
+            if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+                break
+        return found
 
 
 def registered() -> dict[str, Registered]:

@@ -101,7 +101,7 @@ class Registered:
         found: dict[str, str] = {}
         target = self.load()
         funcs = (
-            [c.__init__ for c in inspect.getmro(target) if "__init__" in vars(c)]
+            [vars(c)["__init__"] for c in inspect.getmro(target) if "__init__" in vars(c)]
             if inspect.isclass(target)
             else [target]
         )

@@ -45,6 +45,7 @@ from fedtune.models import (
     load_tokenizer,
     save_adapter,
 )
+from fedtune.models.base import HUB_IDS
 from fedtune.models.lora import AdapterState
 from fedtune.protocol import traits_of
 from fedtune.report import plot_perplexity
@@ -308,8 +309,6 @@ def run_federation(
         )
 
     events.close()
-    save_adapter(model, state.adapter, run_dir / "adapter")
-    plot_perplexity(run_dir)
     summary = {
         "scenario": scenario.name,
         "scenario_digest": scenario.digest(),
@@ -327,9 +326,63 @@ def run_federation(
         "wall_seconds": time.perf_counter() - started,
         "server_peak_rss_mb": peak_rss_mb(),
     }
+    base_name = HUB_IDS.get(scenario.model.name)
+    save_adapter(
+        model, state.adapter, run_dir / "adapter", base_name, model_card(scenario, summary)
+    )
+    plot_perplexity(run_dir)
     # Written last: its presence means the run finished.
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def model_card(scenario: Scenario, summary: dict[str, Any]) -> str:
+    """The adapter folder's README.md: what base it was trained on, how, on what data,
+    and what it scored; the resolved scenario follows in full."""
+    model, lora, data = scenario.model, scenario.lora, scenario.data
+    base = HUB_IDS.get(model.name, model.name)
+    source = (
+        f"`{base}`, as fedtune loads it: dequantized from the GGUF file of the "
+        f"`{model.name}` package"
+        if model.name in HUB_IDS
+        else f"`{base}`"
+    )
+    rounds = f"{summary['rounds_completed']} of {summary['rounds']} rounds aggregated"
+    return "\n".join(
+        [
+            "---",
+            "library_name: peft",
+            f"base_model: {base}",
+            "tags: [fedtune, federated-learning, lora]",
+            "---",
+            "",
+            f"# LoRA adapter from the fedtune run `{scenario.name}`",
+            "",
+            f"- Base model: {source} (compute dtype {model.compute_dtype}, "
+            f"frozen base quantization `{model.quantization}`).",
+            f"- LoRA: rank {lora.r}, alpha {lora.alpha}, on {', '.join(lora.targets)}.",
+            f"- Federation: strategy `{scenario.strategy.name}`, engine "
+            f"`{scenario.client.engine}`, {summary['population']} clients, "
+            f"{scenario.round.clients_per_round} a round, {rounds}.",
+            f"- Data: `{data.name}`"
+            + (f" ({data.path})" if getattr(data, "path", "") else "")
+            + f", {data.eval_clients} held-out clients for evaluation.",
+            f"- Held-out perplexity: {summary['initial_perplexity']:.3f} before training, "
+            f"{summary['final_perplexity']:.3f} after.",
+            *(
+                [f"- Differential privacy: epsilon {summary['privacy']['epsilon']:.3f}."]
+                if "privacy" in summary and "epsilon" in summary["privacy"]
+                else []
+            ),
+            "",
+            "## Scenario",
+            "",
+            "```toml",
+            scenario.to_toml().rstrip(),
+            "```",
+            "",
+        ]
+    )
 
 
 def _federation(grid: Grid, scenario: Scenario, adapter: AdapterState, population: int) -> Any:

@@ -55,8 +55,9 @@ from fedtune.wire import seeds_to_record, to_record
 
 
 class FwdLLM(SeedStepStrategy):
-    """FwdLLM (Xu et al., USENIX ATC 2024): pooled forward-gradient probes, one global
-    SGD step a round, with pacing and discriminative sampling.
+    """FwdLLM (Xu et al., USENIX ATC 2024): clients' forward-gradient probes, pooled.
+
+    One global SGD step a round, with pacing and discriminative sampling.
 
     Parameters
     ----------

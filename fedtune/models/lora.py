@@ -72,11 +72,31 @@ def load_adapter_state(model: Any, state: AdapterState) -> None:
         raise ValueError(f"adapter has keys the model does not: {unexpected[:3]}")
 
 
-def save_adapter(model: Any, state: AdapterState, out_dir: Path) -> Path:
-    """Write ``state`` as a PEFT adapter folder, atomically (temp folder, then rename)."""
+def save_adapter(
+    model: Any,
+    state: AdapterState,
+    out_dir: Path,
+    base_name: str | None = None,
+    card: str | None = None,
+) -> Path:
+    """Write ``state`` as a PEFT adapter folder, atomically (temp folder, then rename).
+
+    ``base_name`` replaces PEFT's ``base_model_name_or_path`` (a local cache folder
+    otherwise) with the name others load the base by, a Hub id; ``card`` is written as
+    the folder's ``README.md`` (its model card).
+    """
+    import json
+
     load_adapter_state(model, state)
     with atomic_directory(Path(out_dir)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if base_name is not None:
+            config_path = Path(tmp) / "adapter_config.json"
+            config = json.loads(config_path.read_text())
+            config["base_model_name_or_path"] = base_name
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if card is not None:
+            (Path(tmp) / "README.md").write_text(card)
     return Path(out_dir)
 
 

@@ -32,11 +32,15 @@ def test_run_folder_is_complete(tiny_run):
         "perplexity.png",
         "adapter/adapter_model.safetensors",
         "adapter/adapter_config.json",
+        "adapter/README.md",
     ):
         assert (tiny_run / name).is_file(), name
     summary = json.loads((tiny_run / "summary.json").read_text())
     assert summary["scenario"] == "tiny"
     assert summary["rounds_completed"] == 2
+    card = (tiny_run / "adapter" / "README.md").read_text()  # the model card
+    assert "base_model: tiny-llama" in card and "2 of 2 rounds aggregated" in card
+    assert f"{summary['final_perplexity']:.3f} after" in card and "```toml" in card
     for key in ("initial_perplexity", "final_perplexity", "bytes_up", "bytes_down", "wall_seconds"):
         assert summary[key] > 0, key
 

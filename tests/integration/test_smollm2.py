@@ -49,6 +49,13 @@ def test_short_run_improves_and_adapter_reloads(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_perplexity"] < summary["initial_perplexity"]
+    # The adapter names its base as others load it, and its card says what it is.
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (out / "adapter" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "dequantized from the GGUF file" in card
+    assert f"{summary['final_perplexity']:.3f} after" in card
 
     scenario = load_scenario(out / "scenario.toml")
     model = PeftModel.from_pretrained(load_base_model("smollm2-135m"), out / "adapter")

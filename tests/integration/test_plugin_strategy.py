@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from fedtune.metrics import read_events
+
 from ..conftest import run_cli
 
 DIST = "fedtune-test-my-avg"
@@ -47,7 +49,9 @@ class MyAvg(FedAvg):
         if os.environ.get("MY_AVG_LOG"):
             with open(os.environ["MY_AVG_LOG"], "a") as log:
                 log.write(f"call {self.calls} round {server_round}\\n")
-        return super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        metrics["my-calls"] = self.calls  # its own number, for the round's event
+        return arrays, metrics
 '''
 
 
@@ -88,6 +92,10 @@ def test_installed_plugin_runs_by_name(tmp_path):
         assert summary["rounds_completed"] == 2
         assert 'name = "my-avg"' in (out / "scenario.toml").read_text()
         assert calls.read_text().splitlines() == ["call 1 round 1", "call 2 round 2"]
+        # What the strategy's MetricRecord holds is in each round's event.
+        rounds = [r for r in read_events(out / "metrics.jsonl", "round") if r["round"] > 0]
+        assert [r["strategy_metrics"]["my-calls"] for r in rounds] == [1, 2]
+        assert all("loss" in r["strategy_metrics"] for r in rounds)  # FedAvg's own
     finally:
         removed = pip("uninstall", "-y", DIST)
         assert removed.returncode == 0, removed.stderr[-3000:]

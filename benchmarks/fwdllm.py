@@ -25,7 +25,8 @@ against device forward passes) into ``--out``.
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/fwdllm.py --out /tmp/bench-fwdllm
 
 (``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads that spin while another process holds
-the cores slowed a forward pass ninefold on the 2-core machine.) Finished settings are kept in ``--out`` and not re-run.
+the cores slowed a forward pass ninefold on the 2-core machine.) Finished settings are
+kept in ``--out`` and not re-run.
 """
 
 from __future__ import annotations

@@ -122,6 +122,12 @@ def check_federation(
             "engine 'forward' only as FwdLLM's probes; use strategy.name = 'fwdllm', or "
             "client.engine = 'backprop' or 'zeroth'"
         )
+    if traits.paced and (scenario.privacy.mode != "none" or scenario.privacy.secure_aggregation):
+        raise ConfigError(
+            f"strategy {name!r} asks for more clients within a round (pacing), which "
+            "[privacy]'s sampling and accounting do not allow for: remove [privacy] or use "
+            "a strategy without pacing"
+        )
     if may_upload_seeds(engine) and not traits.replays_on_sent:
         what = (
             "trains a fresh adapter on merged weights"

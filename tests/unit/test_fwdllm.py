@@ -219,3 +219,12 @@ def test_a_federation_of_real_client_apps_learns_with_seed_only_uploads(tmp_path
     adapter_bytes = max(u["bytes_down"] for u in updates if u["round"] == 1)
     assert min(u["bytes_down"] for u in updates if u["round"] == 3) < adapter_bytes / 2
     assert summary["final_perplexity"] < summary["initial_perplexity"]
+
+
+def test_a_paced_strategy_under_privacy_is_refused_before_the_run():
+    from fedtune.checks import check_federation
+    from fedtune.protocol import StrategyTraits
+
+    scenario = load_scenario("tiny", ["privacy.mode='central'", "privacy.noise_multiplier=1.0"])
+    with pytest.raises(ConfigError, match="pacing"):
+        check_federation(scenario, StrategyTraits(paced=True), 6, {})

@@ -246,7 +246,7 @@ def run_federation(
         assignments = steps.assign(fed, rnd, sampled, state.adapter)
         observer.round_started(rnd, len(assignments))
         judged = _wave(fed, rnd, assignments, state.adapter)
-        extra = _paced_waves(fed, rnd, sampled, assignments, judged, state, round_started)
+        extra = _paced_waves(fed, rnd, sampled, assignments, judged, state.adapter, round_started)
         steps.bound_updates(fed, judged, state.adapter)
         steps.apply_round_policy(fed, rnd, judged, len(extra))
         tally = steps.record(fed, rnd, judged, events, observer.client_done, save_update)
@@ -365,7 +365,7 @@ def model_card(scenario: Scenario, summary: dict[str, Any]) -> str:
             f"`{scenario.client.engine}`, {summary['population']} clients, "
             f"{scenario.round.clients_per_round} a round, {rounds}.",
             f"- Data: `{data.name}`"
-            + (f" ({data.path})" if getattr(data, "path", "") else "")
+            + (f" ({data.path})" if data.path else "")
             + f", {data.eval_clients} held-out clients for evaluation.",
             f"- Held-out perplexity: {summary['initial_perplexity']:.3f} before training, "
             f"{summary['final_perplexity']:.3f} after.",
@@ -434,7 +434,7 @@ def _paced_waves(
     sampled: list[Any],
     assignments: list[steps.Assignment],
     judged: list[steps.Judged],
-    state: RunState,
+    adapter: AdapterState,
     round_started: float,
 ) -> list[steps.Assignment]:
     """A paced strategy's extra waves (FwdLLM's pacing), appended to ``judged``: while
@@ -451,16 +451,14 @@ def _paced_waves(
         want = int(fed.strategy.more_clients(rnd, valid, len(asked)))  # type: ignore[attr-defined]
         if want <= 0:
             break
-        wave = steps.more_assignments(
-            fed, rnd, len(extra) + 1, sampled[0], asked, want, state.adapter
-        )
+        wave = steps.more_assignments(fed, rnd, len(extra) + 1, sampled[0], asked, want, adapter)
         if not wave:
             log(INFO, "Round %d: pacing wants %d more clients, none is left", rnd, want)
             break
         log(INFO, "Round %d: pacing asks %d more clients", rnd, len(wave))
         asked |= {a.node for a in wave}
         extra += wave
-        judged += _wave(fed, rnd, wave, state.adapter, left)
+        judged += _wave(fed, rnd, wave, adapter, left)
     return extra
 
 

@@ -229,8 +229,9 @@ def more_assignments(
 ) -> list[Assignment]:
     """A paced strategy's extra wave: up to ``count`` more clients for round ``rnd``,
     drawn (seeded by run, round and wave) from the available nodes not yet ``asked``,
-    each sent the round's message (``template``, one the strategy built)."""
-    nodes = sorted(n for n in fed.grid.get_node_ids() if n not in asked)
+    each sent the round's message (``template``, one the strategy built). Nodes are
+    taken in client order (the grid's), so the same seed asks the same clients."""
+    nodes = [n for n in fed.grid.get_node_ids() if n not in asked]
     seed = np.random.SeedSequence([fed.scenario.run.seed, rnd, wave, 0x9A]).generate_state(1)
     chosen = random.Random(int(seed[0])).sample(nodes, min(count, len(nodes)))
     messages = [

@@ -13,8 +13,8 @@ adapter's version and keeps its copy; next time it is sampled the server sends, 
 place of the adapter, the steps since the version it holds — when they are fewer bytes
 — with the digest of the adapter they must rebuild. Which version a client holds is
 what it last replied to; a failed catch-up (a restarted node) clears it, and the full
-adapter goes next time. The engines that upload seed steps are
-:data:`fedtune.checks.SEED_ENGINES`.
+adapter goes next time. Which replies are seed steps (zeroth clients, and FwdLLM's
+probing ``forward`` clients) is :attr:`fedtune.protocol.TrainInstructions.uploads_seeds`.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from fedtune.engines.base import (
 )
 from fedtune.engines.seeds import combine, perturbation, pick_directions, seed_pool
 from fedtune.errors import ConfigError
-from fedtune.models.lora import adapter_state
+from fedtune.models.lora import adapter_state, state_name
 
 Tensors = dict[str, torch.Tensor]
 
@@ -130,7 +130,7 @@ class ForwardEngine:
             p.requires_grad_(False)
         if config.forward_derivative == "jvp":
             check_forward_ad(model)
-        names = _adapter_names(model, params)
+        names = {n: state_name(model, n) for n in params}
         specs = sorted((names[n], tuple(p.shape)) for n, p in params.items())
         pool = seed_pool(config.run_seed, config.num_seeds)
         guide = combine(config.guide, pool, specs) if config.guide and config.guide_sigmas else None
@@ -169,13 +169,6 @@ class ForwardEngine:
             },
             seed_steps=steps,
         )
-
-
-def _adapter_names(model: Any, params: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Parameter name -> its adapter-state name (no adapter name), the names seed
-    perturbations are laid out by (sorted, as :func:`fedtune.engines.seeds.trained_keys`)."""
-    adapter = getattr(model, "active_adapter", "default")
-    return {n: n.replace(f".{adapter}.", ".") for n in params}
 
 
 def estimate_gradient(

@@ -61,6 +61,12 @@ def adapter_state(model: Any) -> AdapterState:
     }
 
 
+def state_name(model: Any, parameter: str) -> str:
+    """A LoRA parameter's name in :func:`adapter_state` (PEFT's name without the
+    adapter's): the names seed perturbations are laid out by."""
+    return parameter.replace(f".{model.active_adapter}.", ".")
+
+
 def load_adapter_state(model: Any, state: AdapterState) -> None:
     """Overwrite the model's adapter with ``state`` (names as from :func:`adapter_state`)."""
     from peft import set_peft_model_state_dict

@@ -22,7 +22,7 @@ from fedtune.engines.seeds import (
     replay,
     seed_pool,
 )
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, FedtuneError
 from fedtune.protocol import (
     ARRAYS_KEY,
     GUIDE_KEY,
@@ -102,7 +102,7 @@ def test_pooled_estimate_is_the_mean_of_the_clients_seed_rebuilt_estimates():
 
     # The strategy steps along exactly that estimate, replayed from the merged seeds.
     strategy, messages = configured({"probes": 5})
-    assert all(m.content[ARRAYS_KEY] is not None for m in messages)
+    assert all(ARRAYS_KEY in m.content.array_records for m in messages)
     arrays, metrics = strategy.aggregate_train(1, [probe_reply(c) for c in clients])
     out = from_record(arrays)
     for k, _ in SPECS:
@@ -179,7 +179,7 @@ def test_the_guide_travels_with_the_next_rounds_messages():
     ],
 )
 def test_bad_fwdllm_parameters_name_the_key(params, needle):
-    with pytest.raises(Exception, match=needle):
+    with pytest.raises(FedtuneError, match=needle):
         build_strategy("fwdllm", params, population=4, clients_per_round=2)
 
 

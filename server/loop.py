@@ -28,6 +28,7 @@ from fedtune.checkpoint import Checkpoint, restore_strategy_state, save_checkpoi
 from fedtune.checks import check_federation
 from fedtune.config import Scenario, client_spec
 from fedtune.data import build_population, eval_chunks
+from fedtune.errors import FedtuneError
 from fedtune.evaluation import perplexity
 from fedtune.metrics import (
     EventLog,
@@ -59,6 +60,19 @@ from fedtune.tracking import open_trackers
 from fedtune.wire import expected_specs, from_record
 
 DISCOVERY_TIMEOUT_S = 120.0
+
+def check_discovered(found: int, needed: int) -> None:
+    """Refuse a federation with fewer client nodes than a round samples: Flower's
+    sampling would wait for them for ever (``flwr run .`` on Flower's default local
+    federation, which has 2 simulated SuperNodes, did)."""
+    if found < needed:
+        raise FedtuneError(
+            f"only {found} client node(s) answered within {DISCOVERY_TIMEOUT_S:.0f} s; a round "
+            f"samples round.clients_per_round = {needed}. Start more SuperNodes (under `flwr "
+            f"run .`, Flower's local federation has 2 unless given --federation-config "
+            f"'num-supernodes=N'), or lower round.clients_per_round"
+        )
+
 
 # Kept importable from here: tests and benchmarks drive these directly.
 aggregate_in_client_order = steps.aggregate_in_client_order
@@ -201,11 +215,12 @@ def run_federation(
         seed=scenario.run.seed,
     )
     fed = _federation(grid, scenario, adapter_state(model), len(population.train))
-    fed.grid.discover(
+    found = fed.grid.discover(
         expected=expected_nodes or len(population.train),
         population=len(population.train),
         timeout=DISCOVERY_TIMEOUT_S,
     )
+    check_discovered(len(found), scenario.round.clients_per_round)
 
     def evaluate(adapter: AdapterState) -> float:
         load_adapter_state(model, adapter)

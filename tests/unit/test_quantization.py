@@ -163,3 +163,80 @@ def test_int4_refuses_layers_its_groups_do_not_divide():
     model = transformers.LlamaForCausalLM(config)
     with pytest.raises(ModelError, match="multiple of 128; a 40x40 layer is not"):
         quantize_base(model, "int4", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny Llama saved as a Hugging Face folder (fp32 safetensors)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    load_base_model("tiny-llama").save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("compute_dtype", DTYPES)
+@pytest.mark.parametrize("quantization", BACKENDS)
+def test_a_folder_quantized_while_loading_equals_one_quantized_after(
+    quantization, compute_dtype, tiny_folder
+):
+    from fedtune.models.families import load_pretrained
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[compute_dtype]
+    loaded = load_base_model(str(tiny_folder), compute_dtype, quantization=quantization)
+    after = quantize_base(
+        load_pretrained(tiny_folder, dtype=dtype, attn_implementation="eager"), quantization, dtype
+    ).eval()
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # still tied
+    assert is_quantized(loaded.model.layers[1].mlp.down_proj, quantization)
+    ids = chunks()[:, :16]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, after(ids).logits)
+
+
+def test_quantizing_while_loading_refuses_a_missing_weight(tiny_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for name in ("config.json", "generation_config.json"):
+        shutil.copy(tiny_folder / name, tmp_path / name)
+    weights = load_file(tiny_folder / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="lacks 1 weight.*layers.1.mlp.up_proj.weight"):
+        load_base_model(str(tmp_path), quantization="int8")
+
+
+def test_int8_backward_keeps_no_full_precision_weight():
+    """The int8 layer saves its int8 matrix for the backward, not a dequantized copy,
+    and passes the same gradient as the dequantized matrix would."""
+    from fedtune.models.quantization import Int8WeightOnlyLinear
+
+    model = attach_lora(load_base_model("tiny-llama", quantization="int8"), LORA, seed=0)
+    linears = [m for m in model.modules() if isinstance(m, Int8WeightOnlyLinear)]
+    weight_shapes = {tuple(m.weight.shape) for m in linears}
+    weight_shapes |= {s[::-1] for s in weight_shapes}
+    saved: list[torch.Tensor] = []
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor)
+        return tensor
+
+    ids = chunks()[:, :10]  # 20 tokens: no activation is shaped like a weight (32..128)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    float_weights = [t for t in saved if t.is_floating_point() and tuple(t.shape) in weight_shapes]
+    assert not float_weights
+    assert any(t.dtype == torch.int8 for t in saved)
+
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for m in linears:  # the same layers holding their dequantized matrix in fp32
+        w = m.weight
+        m.weight = torch.nn.Parameter(w.qdata.float() * w.scale.float(), requires_grad=False)
+        m.forward = torch.nn.Linear.forward.__get__(m)
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)

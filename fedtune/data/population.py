@@ -15,11 +15,15 @@ import numpy as np
 import torch
 
 from fedtune.config import DataConfig
-from fedtune.data.sources import ClientText, load_jsonl, load_shakespeare
+from fedtune.data.instruct import (
+    Tokens,
+    instruction_chunks,
+    prompt_and_reference,
+    split_examples,
+)
+from fedtune.data.partition import SPLIT_SEED, partition_rows
+from fedtune.data.sources import ClientText, Example, load_jsonl, load_shakespeare
 from fedtune.errors import DataError
-
-SPLIT_SEED = 20240611
-"""Fixed seed of the population split (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,23 @@ class Population:
 
 @functools.lru_cache(maxsize=4)
 def build_population(cfg: DataConfig) -> Population:
-    """Load the source named by ``cfg``, filter it, and split train from evaluation."""
-    texts = load_shakespeare() if cfg.name == "shakespeare" else load_jsonl(cfg.path)
+    """Load the source named by ``cfg``, filter it, and split train from evaluation.
+
+    Row sources (``files``, ``chatterbot``) become clients through the partitioner
+    (:mod:`fedtune.data.partition`); with ``data.eval_fraction`` their held-out rows
+    are the evaluation set and every kept partition trains.
+    """
+    held_out = None
+    if cfg.name in ("files", "chatterbot"):
+        parts = partition_rows(cfg)
+        texts, held_out = list(parts.clients), parts.held_out
+    else:
+        texts = load_shakespeare() if cfg.name == "shakespeare" else load_jsonl(cfg.path)
     kept = [c for c in texts if len(c.text) >= cfg.min_chars]
+    if held_out is not None:
+        if not kept:
+            raise DataError(f"no client has data.min_chars >= {cfg.min_chars} characters: lower it")
+        return Population(train=tuple(kept), evaluation=(held_out,))
     if len(kept) <= cfg.eval_clients:
         raise DataError(
             f"only {len(kept)} of {len(texts)} clients have data.min_chars >= {cfg.min_chars}; "
@@ -78,11 +96,23 @@ def chunk_tokens(tokenizer: Any, text: str, seq_len: int) -> torch.Tensor:
 
 def client_train_chunks(
     tokenizer: Any, client: ClientText, cfg: DataConfig, seq_len: int
-) -> torch.Tensor:
-    """A training client's chunks (its held-out tail excluded); error if it has none."""
-    train_text, _ = split_holdout(client.text, cfg.local_holdout)
-    chunks = chunk_tokens(tokenizer, train_text, seq_len)
+) -> Tokens:
+    """A training client's chunks (its held-out tail excluded); error if it has none.
+
+    Instruction data gives :class:`LabelledChunks` (loss on responses only)."""
+    chunks: Tokens
+    if cfg.instruction:
+        train, _ = split_examples(client.examples, cfg.local_holdout)
+        chunks = instruction_chunks(tokenizer, train, seq_len, cfg.packing)
+    else:
+        train_text, _ = split_holdout(client.text, cfg.local_holdout)
+        chunks = chunk_tokens(tokenizer, train_text, seq_len)
     if len(chunks) == 0:
+        if cfg.instruction:
+            raise DataError(
+                f"client {client.client_id!r} has no example with a response token within "
+                f"client.seq_len = {seq_len}: raise client.seq_len or data.min_chars"
+            )
         raise DataError(
             f"client {client.client_id!r} has fewer than client.seq_len = {seq_len} tokens "
             f"to train on: raise data.min_chars or lower client.seq_len"
@@ -90,10 +120,48 @@ def client_train_chunks(
     return chunks
 
 
-def eval_chunks(
-    tokenizer: Any, population: Population, cfg: DataConfig, seq_len: int
-) -> torch.Tensor:
-    """The global held-out set: chunks interleaved across eval clients, first N kept."""
+def client_holdout_chunks(
+    tokenizer: Any, client: ClientText, cfg: DataConfig, seq_len: int
+) -> Tokens:
+    """A training client's own held-out tail (``data.local_holdout``), tokenized as its
+    training part is: what per-client evaluation scores. May be empty."""
+    if cfg.instruction:
+        _, held = split_examples(client.examples, cfg.local_holdout)
+        return instruction_chunks(tokenizer, held, seq_len, packing=False)
+    return chunk_tokens(tokenizer, split_holdout(client.text, cfg.local_holdout)[1], seq_len)
+
+
+def interleaved(per_client: list[tuple[Example, ...]], count: int) -> list[Example]:
+    """The first ``count`` examples taken round-robin across clients."""
+    picked: list[Example] = []
+    for depth in range(max((len(c) for c in per_client), default=0)):
+        picked.extend(c[depth] for c in per_client if depth < len(c))
+        if len(picked) >= count:
+            break
+    return picked[:count]
+
+
+def generation_examples(
+    tokenizer: Any, population: Population, count: int
+) -> list[tuple[list[int], str]]:
+    """``(prompt ids, reference answer)`` of up to ``count`` evaluation examples,
+    round-robin across the evaluation clients (the generation metrics' questions)."""
+    examples = interleaved([c.examples for c in population.evaluation], count)
+    return [prompt_and_reference(tokenizer, e) for e in examples]
+
+
+def eval_chunks(tokenizer: Any, population: Population, cfg: DataConfig, seq_len: int) -> Tokens:
+    """The global held-out set: chunks interleaved across eval clients, first N kept
+    (instruction data: the first N examples, round-robin, one a row)."""
+    if cfg.instruction:
+        examples = interleaved([c.examples for c in population.evaluation], cfg.eval_chunks)
+        labelled = instruction_chunks(tokenizer, examples, seq_len, packing=False)
+        if len(labelled) == 0:
+            raise DataError(
+                "the evaluation set has no response token within client.seq_len = "
+                f"{seq_len}: raise client.seq_len"
+            )
+        return labelled
     per_client = [chunk_tokens(tokenizer, c.text, seq_len) for c in population.evaluation]
     picked: list[torch.Tensor] = []
     depth = max((len(c) for c in per_client), default=0)

@@ -21,6 +21,10 @@ _SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
 _DIRECTION = re.compile(r"^_.*_\s*$")
 
 
+Example = tuple[tuple[str, str], ...]
+"""One instruction example: chat turns ``(role, content)``, the last an assistant's."""
+
+
 @dataclass(frozen=True)
 class ClientText:
     """All the text one client holds."""
@@ -31,6 +35,8 @@ class ClientText:
     """The client's raw text."""
     group: str = ""
     """A label of the client (for Shakespeare, the play's genre)."""
+    examples: tuple[Example, ...] = ()
+    """Instruction data: the client's examples (``text`` then joins their turns)."""
 
 
 def plays_dir() -> Path:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fedtune.data.instruct import Tokens, batch_parts
 from fedtune.engines.base import LocalTraining, Update, first_and_last, sample_batches
 from fedtune.engines.loss import causal_lm_loss
 from fedtune.errors import ConfigError
@@ -26,7 +27,7 @@ class BackpropEngine:
 
     name = "backprop"
 
-    def train(self, model: Any, chunks: torch.Tensor, config: LocalTraining) -> Update:
+    def train(self, model: Any, chunks: Tokens, config: LocalTraining) -> Update:
         marker = "lora_" if config.train_only == "all" else f"lora_{config.train_only}"
         lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
         params = [p for n, p in lora if marker in n]
@@ -44,8 +45,7 @@ class BackpropEngine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             for index in batches:
-                input_ids = chunks[index]
-                loss = causal_lm_loss(model, input_ids, None, input_ids)
+                loss = causal_lm_loss(model, *batch_parts(chunks[index]))
                 objective = loss  # the reported loss stays the task loss
                 if anchors:
                     objective = loss + config.proximal_mu / 2 * proximal_term(params, anchors)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fedtune.data.instruct import Tokens
 from fedtune.engines.seeds import SeedStep
 from fedtune.errors import ConfigError
 from fedtune.models.lora import AdapterState
@@ -182,7 +183,7 @@ class Engine(Protocol):
 
     name: str
 
-    def train(self, model: Any, chunks: torch.Tensor, config: Any) -> Update:
+    def train(self, model: Any, chunks: Tokens, config: Any) -> Update:
         """Train on ``chunks`` with this engine's settings (a :class:`LocalTraining`)."""
         ...
 

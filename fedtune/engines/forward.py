@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtune.data.instruct import Tokens, batch_parts
 from fedtune.engines.base import (
     ForwardSettings,
     ProbeSettings,
@@ -59,7 +60,7 @@ class ForwardEngine:
 
     name = "forward"
 
-    def train(self, model: Any, chunks: torch.Tensor, config: ForwardSettings) -> Update:
+    def train(self, model: Any, chunks: Tokens, config: ForwardSettings) -> Update:
         marker = "lora_" if config.train_only == "all" else f"lora_{config.train_only}"
         lora = [p for n, p in model.named_parameters() if "lora_" in n]
         params = {n: p for n, p in sorted(model.named_parameters()) if marker in n}
@@ -116,7 +117,7 @@ class ForwardEngine:
             metrics=metrics,
         )
 
-    def probe(self, model: Any, chunks: torch.Tensor, config: ProbeSettings) -> Update:
+    def probe(self, model: Any, chunks: Tokens, config: ProbeSettings) -> Update:
         """FwdLLM's client work: the directional derivative of the loss along
         ``config.probes`` directions of the seed pool, at the adapter as loaded, one
         batch each; no step is taken. :attr:`Update.seed_steps` holds ``(pool index,
@@ -174,7 +175,7 @@ class ForwardEngine:
 def estimate_gradient(
     model: Any,
     point: Tensors,
-    input_ids: torch.Tensor,
+    input_ids: Tokens,
     directions: np.random.Generator,
     config: ForwardSettings,
 ) -> tuple[float, Tensors, list[float], float]:
@@ -211,16 +212,18 @@ def directional_derivative(
     model: Any,
     params: Tensors,
     direction: Tensors,
-    input_ids: torch.Tensor,
+    input_ids: Tokens,
     derivative: str = "jvp",
     eps: float = 1e-2,
 ) -> tuple[float, float]:
-    """The LM loss on ``input_ids`` at ``params`` (a subset of the model's parameters, by
-    name) and its slope along ``direction``: by forward-mode AD (``jvp``) or by a
-    two-point finite difference (``fd``, then the loss is the mean of the two points)."""
+    """The LM loss on ``input_ids`` (a batch of chunks, or labelled rows) at ``params``
+    (a subset of the model's parameters, by name) and its slope along ``direction``: by
+    forward-mode AD (``jvp``) or by a two-point finite difference (``fd``, then the loss
+    is the mean of the two points)."""
 
     def loss_of(weights: Tensors) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "labels": input_ids}
+        ids, mask, labels = batch_parts(input_ids)
+        kwargs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         return torch.func.functional_call(model, weights, args=(), kwargs=kwargs).loss
 
     if derivative == "fd":

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtune.data.instruct import Tokens, batch_parts
 from fedtune.engines.base import Update, ZerothSettings, first_and_last, sample_batches
 from fedtune.engines.loss import causal_lm_loss
 from fedtune.engines.seeds import (
@@ -41,7 +42,7 @@ class ZerothEngine:
 
     name = "zeroth"
 
-    def train(self, model: Any, chunks: torch.Tensor, config: ZerothSettings) -> Update:
+    def train(self, model: Any, chunks: Tokens, config: ZerothSettings) -> Update:
         if config.weight_decay > 0:
             raise ConfigError(
                 "engine 'zeroth' applies no weight decay (its update must replay from the "
@@ -68,10 +69,10 @@ class ZerothEngine:
         with torch.no_grad():
             try:
                 for index, pick in zip(batches, picks.tolist(), strict=True):
-                    input_ids = chunks[index]
+                    batch = chunks[index]
                     z = perturbation(pool[pick], specs)
-                    plus = _loss_at(model, params, master, z, config.eps, input_ids)
-                    minus = _loss_at(model, params, master, z, -config.eps, input_ids)
+                    plus = _loss_at(model, params, master, z, config.eps, batch)
+                    minus = _loss_at(model, params, master, z, -config.eps, batch)
                     slope = (plus - minus) / (2 * config.eps)
                     if anchor:
                         slope += config.proximal_mu * sum(
@@ -104,9 +105,9 @@ def _loss_at(
     master: AdapterState,
     z: dict[str, torch.Tensor],
     eps: float,
-    input_ids: torch.Tensor,
+    batch: Tokens,
 ) -> float:
     """The loss with the trained weights set to ``master + eps * z``."""
     for key, direction in z.items():
         params[key].copy_(master[key] + eps * direction)
-    return float(causal_lm_loss(model, input_ids, None, input_ids))
+    return float(causal_lm_loss(model, *batch_parts(batch)))

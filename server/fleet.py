@@ -43,9 +43,9 @@ class Fleet:
     """Peak memory of a training client per engine: the device footprint table's
     figure where it has one (``fedtune/ondevice/footprints.json``), else the largest
     measured in this run (absent until known)."""
-    from_table: frozenset[str] = frozenset()
-    """Engines whose footprint is the table's: this run's workstation RSS (Ray, Flower,
-    torch) does not replace a phone's measured footprint."""
+    from_table: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Engines whose footprint is a phone's (the table's or ``devices.*_mb``) -> where it
+    came from: this run's workstation RSS (Ray, Flower, torch) does not replace it."""
 
     @classmethod
     def from_scenario(cls, scenario: Scenario, population: int) -> Fleet:
@@ -71,8 +71,8 @@ class Fleet:
             tiers,
             assign_tiers(population, names, weights),
             scenario.run.seed,
-            dict(table),
-            frozenset(table),
+            {engine: mib for engine, (mib, _) in table.items()},
+            {engine: source for engine, (_, source) in table.items()},
         )
 
     def tier_of(self, client: int) -> Tier:
@@ -113,11 +113,12 @@ class Fleet:
             return None
         return up
 
-    def engine_for(self, client: int) -> str:
+    def engine_for(self, client: int, fallback: str = "zeroth") -> str:
         """``client.engine = "auto"``: backprop where the device holds backprop's measured
-        footprint (or while it is unknown), zeroth-order where it does not."""
+        footprint (or while it is unknown), ``fallback`` (``client.auto_fallback``:
+        zeroth-order steps or forward probes) where it does not."""
         need = self.footprints.get("backprop", 0.0)
-        return "backprop" if self.tier_of(client).memory_mb >= need else "zeroth"
+        return "backprop" if self.tier_of(client).memory_mb >= need else fallback
 
     def split_unfit(
         self, messages: list[Any], grid: Any, engine_of: Callable[[Any], str]
@@ -134,7 +135,7 @@ class Fleet:
             if need and tier.memory_mb < need:
                 reason = (
                     f"does not fit: {engine} training needs ~{need:.0f} MB"
-                    f"{' (device footprint table)' if engine in self.from_table else ''}, "
+                    f"{f' ({self.from_table[engine]})' if engine in self.from_table else ''}, "
                     f"{tier.name} has {tier.memory_mb:.0f} MB"
                 )
                 unfit.append((message, reason))
@@ -186,17 +187,25 @@ class Fleet:
         }
 
 
-def device_footprints(scenario: Scenario) -> dict[str, float]:
+def device_footprints(scenario: Scenario) -> dict[str, tuple[float, str]]:
     """Per engine, the device client's measured peak MiB for this scenario's model,
-    LoRA, quantization and batch (the shipped footprint table; engines it lacks are
-    left out)."""
+    LoRA, quantization and batch: ``devices.backprop_mb`` / ``inference_mb`` where set,
+    else the shipped footprint table (engines it lacks are left out). ``forward``
+    runs on phones only as FwdLLM's probes, on the inference graph ``zeroth`` uses.
+    Each with where it came from."""
     from fedtune.ondevice import footprint
 
-    found = {}
-    for engine in ("backprop", "zeroth"):
+    given = {"backprop": scenario.devices.backprop_mb, "zeroth": scenario.devices.inference_mb}
+    setting = {"backprop": "devices.backprop_mb", "zeroth": "devices.inference_mb"}
+    found: dict[str, tuple[float, str]] = {}
+    for engine in ("backprop", "zeroth", "forward"):
+        graph = "zeroth" if engine == "forward" else engine
+        if given[graph]:
+            found[engine] = (given[graph], setting[graph])
+            continue
         mib = footprint.lookup(
             scenario.model.name,
-            engine,
+            graph,
             scenario.model.quantization,
             scenario.lora.r,
             scenario.lora.targets,
@@ -204,7 +213,7 @@ def device_footprints(scenario: Scenario) -> dict[str, float]:
             scenario.client.seq_len,
         )
         if mib is not None:
-            found[engine] = mib
+            found[engine] = (mib, "device footprint table")
     return found
 
 

@@ -93,7 +93,7 @@ class Federation:
         """The engine ``client`` trains with (per tier under ``client.engine = "auto"``)."""
         engine = self.scenario.client.engine
         if engine == "auto" and self.fleet is not None:
-            return self.fleet.engine_for(client)
+            return self.fleet.engine_for(client, self.scenario.client.auto_fallback)
         return engine
 
     def rank_for(self, client: int) -> int:
@@ -209,6 +209,10 @@ def assign(
         )
         if engine != "forward":  # probes are the forward engine's (tiers under "auto")
             asked = asked.but(probes=0, guide_sigmas=0.0)
+        elif fed.scenario.client.engine == "auto" and not asked.probes:
+            # client.auto_fallback = "forward" beside backprop: FwdLLM's probes at the
+            # adapter sent, uniform directions (no strategy keeps a guide to sample by).
+            asked = asked.but(probes=fed.scenario.client.perturbations, guide_sigmas=0.0)
         if asked.uploads_seeds and history is not None:
             asked = fed.seeds.offer(asked, content, client, adapter, history)
         sent = addressed(message, asked, content)
@@ -350,10 +354,10 @@ def _judge(
     update: AdapterState | None
     if assignment.asked.uploads_seeds:
         update, steps, reason = fed.seeds.receive(
-            assignment.asked, reply, assignment.client, adapter
+            assignment.asked, reply, assignment.client, sent_adapter(assignment, adapter)
         )
         if update is not None and steps is not None:
-            fed.seeds.for_strategy(reply, steps)
+            fed.seeds.for_strategy(reply, steps, keep=fed.traits.seed_steps)
     else:
         expected = fed.specs_for(assignment.rank, adapter)
         update, reason = check_update(
@@ -491,5 +495,20 @@ def aggregate_with_metrics(
     """:func:`aggregate_in_client_order`'s arrays and the strategy's MetricRecord as a
     plain dict (empty when it returns none)."""
     ordered = [message for _, message in sorted(accepted, key=lambda pair: pair[0])]
+    _common_metrics(ordered)
     arrays, metrics = strategy.aggregate_train(rnd, ordered)
     return arrays, dict(metrics) if metrics is not None else {}
+
+
+def _common_metrics(replies: list[Message]) -> None:
+    """Keep in each reply's metrics only the keys every reply has, in place: Flower's
+    strategies refuse a round whose MetricRecords differ, and engines report different
+    ones (``client.engine = "auto"`` mixes backprop with probes). Each client's full
+    report is in its ``client_update`` event already."""
+    records = [r.content.metric_records.get(METRICS_KEY) for r in replies]
+    if len(records) < 2 or any(record is None for record in records):
+        return
+    common = set.intersection(*(set(record.keys()) for record in records))  # type: ignore[union-attr]
+    for record in records:
+        for key in set(record.keys()) - common:  # type: ignore[union-attr]
+            del record[key]  # type: ignore[union-attr]

@@ -99,10 +99,15 @@ class SeedSync:
         return adapter, steps, None
 
     @staticmethod
-    def for_strategy(reply: Message, steps: list[SeedStep]) -> None:
+    def for_strategy(reply: Message, steps: list[SeedStep], keep: bool = True) -> None:
         """Keep the steps as a config record (strategies read one array record: the
-        loop puts the replayed adapter there)."""
+        loop puts the replayed adapter there), or with ``keep = False`` (a strategy
+        that aggregates adapters) leave them out: Flower's strategies refuse a round
+        whose replies hold different records (``client.engine = "auto"`` mixes
+        backprop's adapters with seed steps)."""
         del reply.content[SEEDS_KEY]
+        if not keep:
+            return
         reply.content[SEEDS_KEY] = ConfigRecord(
             {"index": [i for i, _ in steps], "scalar": [g for _, g in steps]}
         )

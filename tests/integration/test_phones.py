@@ -72,3 +72,37 @@ def test_a_device_too_small_for_the_training_is_not_sent_work(tmp_path):
     assert all(u["reason"].startswith("does not fit: backprop training needs ~") for u in watches)
     assert all(u["bytes_down"] == 0 and u["bytes_up"] == 0 for u in watches)
     assert any(u["status"] == "ok" for u in later if u["tier"] == "board")
+
+
+def test_auto_sends_probes_to_a_device_too_small_for_backprop(tmp_path):
+    """client.auto_fallback = "forward": once backprop's footprint is known, the watch is
+    asked for FwdLLM's probes (seed uploads, bytes not megabytes) instead of being
+    dropped; probes have a footprint of their own, so a 100 MB watch is dropped again
+    once that is measured too."""
+    tiers = watch_and_board(tmp_path)
+    out = tmp_path / "run"
+    simulate_here(
+        "phones",
+        out,
+        *("--set", f"devices.profiles={tiers}"),
+        *("--set", 'devices.tiers=["watch", "board"]'),
+        *("--set", "devices.weights=[1, 1]"),
+        *("--set", "round.deadline_s=100"),
+        *("--set", "round.min_reports=1"),
+        *("--set", "client.engine=auto"),
+        *("--set", "client.auto_fallback=forward"),
+        *("--set", "strategy.name=fedavg"),
+    )
+    updates = list(read_events(out / "metrics.jsonl", "client_update"))
+    by_round = {
+        r: [u for u in updates if u["round"] == r and u["tier"] == "watch"] for r in (1, 2, 3)
+    }
+    assert by_round[1] and all(u["engine"] == "backprop" for u in by_round[1])
+    probing = by_round[2]
+    assert probing and all(u["engine"] == "forward" for u in probing)
+    assert any(u["status"] == "ok" for u in probing)  # the rest: over-selected surplus
+    assert all(u["bytes_up"] < 2_000 for u in probing)  # 4 probes x 8 bytes, plus records
+    boards = [u for u in updates if u["round"] == 2 and u["tier"] == "board"]
+    assert boards and all(u["engine"] == "backprop" for u in boards)
+    assert all(u["status"] == "dropped" for u in by_round[3])
+    assert all(u["reason"].startswith("does not fit: forward training") for u in by_round[3])

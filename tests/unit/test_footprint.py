@@ -16,7 +16,7 @@ def shipped_rows():
     return rows
 
 
-def scenario_for(row, tmp_path, memory_mb):
+def scenario_for(row, tmp_path, memory_mb, *extra):
     tiers = tmp_path / "tiers.toml"
     tiers.write_text(
         "".join(
@@ -36,6 +36,7 @@ def scenario_for(row, tmp_path, memory_mb):
             f"client.seq_len={row['seq_len']}",
             "devices.enabled=true",
             f"devices.profiles={str(tiers)!r}",
+            *extra,
         ],
     )
 
@@ -75,4 +76,28 @@ def test_the_fleet_takes_a_phones_footprint_from_the_shipped_table(tmp_path):
 def test_a_configuration_the_table_lacks_falls_back_to_measuring(tmp_path):
     row = dict(shipped_rows()[0], lora_r=shipped_rows()[0]["lora_r"] + 1)
     fleet = Fleet.from_scenario(scenario_for(row, tmp_path, {"any": 100}), 4)
-    assert fleet.footprints == {} and fleet.from_table == frozenset()
+    assert fleet.footprints == {} and fleet.from_table == {}
+
+
+def test_devices_settings_give_the_footprints_and_forward_probes_use_inference(tmp_path):
+    """devices.backprop_mb / inference_mb stand for a phone's measured figures; forward
+    runs on phones only as FwdLLM's probes on the inference graph, so it takes
+    inference's. Under client.engine = "auto" with auto_fallback = "forward", a tier
+    between the two probes instead of training."""
+    row = dict(shipped_rows()[0], lora_r=shipped_rows()[0]["lora_r"] + 1)  # not in the table
+    scenario = scenario_for(
+        row,
+        tmp_path,
+        {"mid": 1000, "big": 4000},
+        "devices.backprop_mb=1857",
+        "devices.inference_mb=358",
+    )
+    fleet = Fleet.from_scenario(scenario, 8)
+    assert fleet.footprints == {"backprop": 1857, "zeroth": 358, "forward": 358}
+    mid, big = fleet.client_tier.index("mid"), fleet.client_tier.index("big")
+    assert fleet.engine_for(mid, "forward") == "forward"
+    assert fleet.engine_for(big, "forward") == "backprop"
+    messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=mid))]
+    grid = SimpleNamespace(client_index=lambda node: node)
+    _, unfit = fleet.split_unfit(messages, grid, lambda m: "backprop")
+    assert "(devices.backprop_mb)" in unfit[0][1]

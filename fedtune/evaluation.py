@@ -1,13 +1,25 @@
-"""Held-out perplexity of a causal LM on token chunks or labelled rows."""
+"""Scores of the global adapter: held-out perplexity (on token chunks or labelled
+rows), per-client perplexity on each client's own held-out part, and generation
+metrics with deterministic decoding (see ``docs/evaluation.md``)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from fedtune.data.instruct import Tokens, batch_parts, predicted_tokens
+from fedtune.data.partition import SPLIT_SEED
+from fedtune.data.population import Population, client_holdout_chunks, generation_examples
+from fedtune.errors import ConfigError, DataError
+from fedtune.scores import Metric, get_metric
+
+if TYPE_CHECKING:
+    from fedtune.config import Scenario
 
 
 @torch.inference_mode()
@@ -32,3 +44,130 @@ def perplexity(model: Any, chunks: Tokens, batch_size: int = 8) -> float:
     if was_training:
         model.train()
     return math.exp(total / tokens) if tokens else math.nan
+
+
+def worst_decile(values: Sequence[float]) -> float:
+    """Mean of the worst (highest) tenth of ``values``, at least one value: the
+    fairness figure of per-client perplexity."""
+    worst = sorted(values, reverse=True)[: max(1, math.ceil(len(values) / 10))]
+    return sum(worst) / len(worst)
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy answers to ``prompts`` (token ids): deterministic decoding (no sampling,
+    one beam), stopped at the tokenizer's end-of-sequence token, special tokens dropped.
+
+    Prompts are left-padded so every row's answer starts at the same column."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts[start : start + batch_size]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+    if was_training:
+        model.train()
+    return answers
+
+
+def check_evaluation(scenario: Scenario) -> None:
+    """``[evaluation]`` against the data and the registry (preflight runs it)."""
+    if scenario.evaluation.metrics and not scenario.data.instruction:
+        raise ConfigError(
+            "evaluation.metrics score generated answers, which need instruction data: "
+            "set data.prompt_column and data.response_column, or data.messages_column"
+        )
+    for name in scenario.evaluation.metrics:
+        get_metric(name)
+
+
+@dataclass
+class Evaluator:
+    """What the server scores after a round besides the global held-out perplexity
+    (``[evaluation]``): each sampled training client's own held-out part, and
+    generation metrics on held-out instruction examples. Built once per run."""
+
+    client_sets: dict[int, Tokens]
+    """Client index -> its held-out tail, tokenized as it trains."""
+    prompts: list[tuple[list[int], str]]
+    """(prompt ids, reference answer) of the generation metrics."""
+    metrics: dict[str, Metric]
+    """Metric name -> the registered callable."""
+    tokenizer: Any
+    batch_size: int
+    max_new_tokens: int
+    generate_batch: int
+
+    @classmethod
+    def build(cls, scenario: Scenario, tokenizer: Any, population: Population) -> Evaluator:
+        """The evaluator of ``scenario``: the per-client sets and the generation prompts."""
+        cfg, data = scenario.evaluation, scenario.data
+        check_evaluation(scenario)
+        picked: list[int] = []
+        if cfg.clients:
+            # The same clients in every run and round: the data's fixed seed picks them.
+            order = np.random.default_rng(SPLIT_SEED).permutation(len(population.train))
+            picked = sorted(int(i) for i in order[: cfg.clients])
+        sets = {
+            i: client_holdout_chunks(tokenizer, population.train[i], data, scenario.client.seq_len)
+            for i in picked
+        }
+        sets = {i: s for i, s in sets.items() if len(s)}
+        if cfg.clients and not sets:
+            raise DataError(
+                "evaluation.clients: no sampled client has a held-out part: raise "
+                "data.local_holdout or data.min_chars"
+            )
+        return cls(
+            client_sets=sets,
+            prompts=generation_examples(tokenizer, population, cfg.examples) if cfg.metrics else [],
+            metrics={name: get_metric(name) for name in cfg.metrics},
+            tokenizer=tokenizer,
+            batch_size=scenario.run.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens,
+            generate_batch=cfg.batch_size,
+        )
+
+    def scores(self, model: Any) -> dict[str, Any]:
+        """The fields this evaluator adds to a ``round`` event, for ``model`` as loaded:
+        ``client_perplexity_mean``, ``client_perplexity_worst_decile`` and
+        ``client_perplexity`` (index -> value), and one field per generation metric."""
+        out: dict[str, Any] = {}
+        if self.client_sets:
+            per = {i: perplexity(model, s, self.batch_size) for i, s in self.client_sets.items()}
+            values = list(per.values())
+            out["client_perplexity_mean"] = sum(values) / len(values)
+            out["client_perplexity_worst_decile"] = worst_decile(values)
+            out["client_perplexity"] = {str(i): v for i, v in per.items()}
+        if self.metrics:
+            answers = generate_answers(
+                model,
+                self.tokenizer,
+                [p for p, _ in self.prompts],
+                self.max_new_tokens,
+                self.generate_batch,
+            )
+            references = [r for _, r in self.prompts]
+            for name, metric in self.metrics.items():
+                out[name.replace("-", "_")] = float(metric(answers, references))
+        return out

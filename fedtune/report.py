@@ -97,6 +97,7 @@ def write_report(run_dir: Path) -> Path:
             f"| {_num(r.get('wall_seconds'), 1)} | {_num(r.get('simulated_seconds'), 1)} "
             f"| {_num(r.get('epsilon'), 3)} |"
         )
+    lines += score_table(rounds)
     left_out = [c for c in clients if c.get("status") in ("rejected", "dropped")]
     if left_out:
         lines += ["", "## Dropped and rejected clients", "", "| round | client | status | reason |"]
@@ -109,6 +110,52 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report.md"
     atomic_write_text(out, "\n".join(lines))
     return out
+
+
+SCORE_FIELDS = {"client_perplexity_mean", "client_perplexity_worst_decile"}
+"""Per-client evaluation's fields of a ``round`` event (``[evaluation] clients``)."""
+NOT_METRICS = {
+    "round", "status", "reason", "perplexity", "participants", "sampled", "rejected",
+    "dropped", "train_loss", "bytes_up", "bytes_down", "wall_seconds", "simulated_seconds",
+    "server_peak_rss_mb", "epsilon", "event", "time", "client_perplexity",
+}  # fmt: skip
+
+
+def score_table(rounds: list[dict[str, Any]]) -> list[str]:
+    """Report lines of the scores beyond perplexity (``[evaluation]``): per-client
+    perplexity (mean, worst decile) and each generation metric, per round; none when
+    the run scored nothing else."""
+    metrics = sorted(
+        {
+            k
+            for r in rounds
+            for k, v in r.items()
+            if k not in NOT_METRICS and k not in SCORE_FIELDS and isinstance(v, float)
+        }
+        & {k for r in rounds if r["round"] == 0 for k in r}
+    )
+    per_client = any("client_perplexity_mean" in r for r in rounds)
+    if not metrics and not per_client:
+        return []
+    heads = ["round"]
+    if per_client:
+        heads += ["client perplexity: mean", "worst decile", "clients"]
+    heads += metrics
+    lines = ["", "## Scores beyond perplexity", "", "| " + " | ".join(heads) + " |"]
+    lines.append("|" + "---|" * len(heads))
+    for r in rounds:
+        if not any(k in r for k in (*metrics, "client_perplexity_mean")):
+            continue
+        cells = [str(r["round"])]
+        if per_client:
+            cells += [
+                _num(r.get("client_perplexity_mean"), 3),
+                _num(r.get("client_perplexity_worst_decile"), 3),
+                str(len(r.get("client_perplexity") or {})),
+            ]
+        cells += [_num(r.get(m), 4) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _num(value: Any, digits: int) -> str:

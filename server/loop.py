@@ -28,8 +28,9 @@ from fedtune.checkpoint import Checkpoint, restore_strategy_state, save_checkpoi
 from fedtune.checks import check_federation
 from fedtune.config import Scenario, client_spec
 from fedtune.data import build_population, eval_chunks
+from fedtune.data.partition import write_partition_report
 from fedtune.errors import FedtuneError
-from fedtune.evaluation import perplexity
+from fedtune.evaluation import Evaluator, perplexity
 from fedtune.metrics import (
     EventLog,
     atomic_write_bytes,
@@ -203,6 +204,9 @@ def run_federation(
     population = build_population(scenario.data)
     tokenizer = load_tokenizer(scenario.model.name)
     held_out = eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
+    evaluator = Evaluator.build(scenario, tokenizer, population)  # [evaluation]: beyond perplexity
+    if resume is None:
+        write_partition_report(scenario.data, run_dir)  # row data: partitions.md and .png
     model = attach_lora(
         load_base_model(
             scenario.model.name,
@@ -229,7 +233,14 @@ def run_federation(
     events = EventLog(run_dir / "metrics.jsonl", open_trackers(scenario, run_dir, resume))
     if resume is None:
         initial = evaluate(adapter_state(model))
-        events.write("round", round=0, perplexity=initial, participants=0, wall_seconds=0.0)
+        events.write(
+            "round",
+            round=0,
+            perplexity=initial,
+            participants=0,
+            wall_seconds=0.0,
+            **evaluator.scores(model),
+        )
         state = RunState(adapter_state(model), initial, initial)
         _save(run_dir, fed, state, started)
     else:
@@ -309,6 +320,7 @@ def run_federation(
             ),
             **(fed.private.round_fields() if fed.private is not None else {}),
             **({"strategy_metrics": strategy_metrics} if strategy_metrics else {}),
+            **(evaluator.scores(model) if status == "ok" else {}),  # model holds the aggregate
         )
         if fed.fleet is not None:
             state.totals.simulated_seconds += round_event["simulated_seconds"]

@@ -20,6 +20,7 @@ from fedtune.rundir import RunDirLock, lock_run_dir
 def preflight(scenario: Scenario) -> int:
     """Check that ``scenario`` can run; return the number of training clients."""
     from fedtune.data import build_population, client_train_chunks, eval_chunks
+    from fedtune.evaluation import check_evaluation
     from fedtune.models import load_tokenizer, model_dir
     from fedtune.models.base import TINY
     from fedtune.models.targets import check_lora_targets
@@ -39,6 +40,7 @@ def preflight(scenario: Scenario) -> int:
     for client in population.train:
         client_train_chunks(tokenizer, client, scenario.data, scenario.client.seq_len)
     eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
+    check_evaluation(scenario)
     strategy = build_strategy(
         scenario.strategy.name,
         dict(scenario.strategy.params),

@@ -42,6 +42,9 @@ ROLE_KEYS = (
 @functools.lru_cache(maxsize=4)
 def load_rows(cfg: DataConfig) -> Any:
     """The table of ``cfg`` (a ``datasets.Dataset``), its mapped columns checked."""
+    import datasets
+
+    datasets.disable_progress_bars()  # a run's progress display is its own
     table = load_chatterbot(cfg.languages) if cfg.name == "chatterbot" else load_files(cfg)
     where = cfg.path if cfg.name == "files" else "the chatterbot corpus"
     for key in _used_keys(cfg):
@@ -72,7 +75,6 @@ def load_files(cfg: DataConfig) -> Any:
     fmt = cfg.format
     if fmt == "auto":
         fmt = _detect_format(path)
-    datasets.disable_progress_bars()
     try:
         if fmt == "saved":
             loaded = datasets.load_from_disk(str(path))

@@ -191,6 +191,10 @@ class DataConfig:
     """Rows (``files``, ``chatterbot``) held out before partitioning, as the global
     evaluation set (the same for every partitioner); 0 holds out ``eval_clients``
     whole clients instead."""
+    eval_path: str = ""
+    """A separate file (or folder, or saved dataset) of held-out rows, read like
+    ``path`` with the same column mapping, as the global evaluation set (``files``,
+    ``chatterbot``); it replaces ``eval_fraction`` and ``eval_clients``."""
     packing: bool = False
     """Instruction data: concatenate tokenized examples into full ``client.seq_len``
     rows (``true``) or pad each example to its own row (``false``)."""
@@ -270,6 +274,11 @@ class DataConfig:
             0.0 <= self.eval_fraction < 1.0,
             "data.eval_fraction",
             f"must be in [0, 1), got {self.eval_fraction}",
+        )
+        _check(
+            not self.eval_path or (rows and self.eval_fraction == 0),
+            "data.eval_path",
+            "needs row data (data.name = 'files' or 'chatterbot') and data.eval_fraction = 0",
         )
         # Client text is capped at MAX_CLIENT_BYTES when read (fedtune.data.sources).
         _between(self.min_chars, 0, 2**30, "data.min_chars")
@@ -473,8 +482,16 @@ class DevicesConfig:
     tier_ranks: bool = True
     """Clients train at their tier's ``lora_rank`` where it sets one (needs a strategy
     that mixes ranks: flora, hetlora, flexlora); false: every client at ``lora.r``."""
+    backprop_mb: float = 0.0
+    """A device's peak MiB to train by backprop, for memory fit and ``client.engine =
+    "auto"`` (0: the shipped footprint table's figure for this model, LoRA,
+    quantization and batch, else the largest measured in the run)."""
+    inference_mb: float = 0.0
+    """The same for perturbed inference (``zeroth``, and ``forward`` probes)."""
 
     def __post_init__(self) -> None:
+        _between(self.backprop_mb, 0.0, 1e7, "devices.backprop_mb")
+        _between(self.inference_mb, 0.0, 1e7, "devices.inference_mb")
         _check(
             len(self.weights) in (0, len(self.tiers)),
             "devices.weights",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ class Partitioned:
     clients: tuple[ClientText, ...]
     """One client per partition, in partition order."""
     held_out: ClientText | None
-    """The held-out rows (``data.eval_fraction > 0``) as one evaluation client."""
+    """The held-out rows (``data.eval_path``, or ``data.eval_fraction > 0``) as one
+    evaluation client."""
 
 
 def make_partitioner(cfg: DataConfig, num_partitions: int) -> Any:
@@ -88,14 +89,18 @@ def partition_rows(cfg: DataConfig) -> Partitioned:
     """``cfg``'s rows, minus the held-out fraction, split into clients."""
     table = load_rows(cfg)
     held_out = None
-    if cfg.eval_fraction > 0:
+    if cfg.eval_path:
+        # Read as a ``files`` source with the same mapping (errors name it as data.path).
+        evaluation = replace(cfg, name="files", path=cfg.eval_path, eval_path="")
+        held_out = to_client("held-out", load_rows(evaluation), cfg)
+    elif cfg.eval_fraction > 0:
         parts = table.train_test_split(
             test_size=cfg.eval_fraction, seed=SPLIT_SEED, keep_in_memory=True
         )
         table, rest = parts["train"], parts["test"]
         held_out = to_client("held-out", rest, cfg)
     # Without held-out rows, eval_clients whole partitions are set aside later.
-    count = cfg.num_clients + (cfg.eval_clients if cfg.eval_fraction == 0 else 0)
+    count = cfg.num_clients + (cfg.eval_clients if held_out is None else 0)
     partitioner = assign_rows(table, cfg, count)
     try:
         parts_count = partitioner.num_partitions

@@ -132,3 +132,18 @@ def test_the_report_has_a_row_per_client_and_the_label_plot(table_path, tmp_path
     table = (tmp_path / "partitions.md").read_text()
     assert table.count("| train |") == 8 and table.count("| eval |") == 2
     assert (tmp_path / "partitions.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_held_out_file_is_the_evaluation_set(table_path, tmp_path):
+    import datasets
+
+    held = tmp_path / "held.jsonl"
+    datasets.Dataset.from_dict({"q": ["q?", "r?"], "a": ["a.", "b."], "label": ["x", "y"]}).to_json(
+        str(held), lines=True
+    )
+    population = build_population(config(table_path, partitioner="iid", eval_path=str(held)))
+    assert len(population.train) == 8
+    assert population.evaluation[0].examples == (
+        (("user", "q?"), ("assistant", "a.")),
+        (("user", "r?"), ("assistant", "b.")),
+    )

@@ -140,3 +140,18 @@ def test_engines_and_perplexity_take_labelled_rows(tiny_peft, tokenizer):
     plain = rows.input_ids[:, :32]
     same = LabelledChunks(plain, plain.clone(), torch.ones_like(plain))
     assert perplexity(tiny_peft, plain) == pytest.approx(perplexity(tiny_peft, same), rel=1e-6)
+
+
+@pytest.mark.parametrize("engine", ["zeroth", "forward"])
+def test_gradient_free_engines_take_labelled_rows(tiny_peft, tokenizer, engine):
+    from ..conftest import engine_config
+
+    rows = instruction_chunks(tokenizer, [EXAMPLE, TWO_TURNS] * 2, 96, packing=False)
+    extra = (
+        {"forward_derivative": "fd", "perturbations": 2, "max_perturbations": 2}
+        if engine == "forward"
+        else {}
+    )
+    config = engine_config(engine, lr=1e-3, local_steps=2, batch_size=2, seed=0, **extra)
+    update = get_engine(engine).train(tiny_peft, rows, config)
+    assert update.num_examples == 4 and 0 < update.loss < 100

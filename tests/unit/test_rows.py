@@ -147,3 +147,31 @@ def test_chatterbot_topics_are_natural_instruction_clients(tokenizer):
     assert {"science", "ai", "trivia"} <= ids
     chunks = client_train_chunks(tokenizer, population.train[0], cfg, 96)
     assert chunks.labels.shape == chunks.input_ids.shape == (len(chunks), 96)
+
+
+def test_a_messages_column_gives_chat_examples(tmp_path, tokenizer):
+    path = tmp_path / "chats.jsonl"
+    talk = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello."}]
+    lines = [json.dumps({"messages": talk, "who": w}) for w in ("a", "a", "b", "c")]
+    path.write_text("\n".join(lines) + "\n")
+    cfg = files(path, prompt_column="", response_column="", messages_column="messages")
+    population = build_population(cfg)
+    client = next(c for c in (*population.train, *population.evaluation) if c.client_id == "a")
+    assert client.examples[0] == (("user", "hi"), ("assistant", "hello."))
+    chunks = client_train_chunks(
+        tokenizer, client, DataConfig(**{**vars(cfg), "local_holdout": 0.0}), 64
+    )
+    kept = chunks.labels[0][chunks.labels[0] != -100]
+    assert tokenizer.decode(kept) == "hello.<|im_end|>\n"
+
+
+def test_a_conversation_without_an_answer_is_refused(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}], "who": "a"}) + "\n"
+    )
+    cfg = files(
+        path, prompt_column="", response_column="", messages_column="messages", eval_clients=1
+    )
+    with pytest.raises(DataError, match="without an assistant turn"):
+        build_population(cfg)

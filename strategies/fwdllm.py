@@ -71,7 +71,9 @@ class FwdLLM(SeedStepStrategy):
     wave
         Pacing: clients added per extra wave (0: half the first wave, at least 1).
     guide_sigmas
-        Discriminative sampling threshold (0: uniform directions).
+        Discriminative sampling threshold (0, the default: uniform directions, which
+        gained more per forward pass than 1.0 in ``benchmarks/RESULTS.md``; FwdLLM's
+        design, measured there, is 1.0).
     guide_tries
         Candidates a client draws per kept direction.
     trains
@@ -90,7 +92,7 @@ class FwdLLM(SeedStepStrategy):
         variance_threshold: float = 0.0,
         max_clients: int = 0,
         wave: int = 0,
-        guide_sigmas: float = 1.0,
+        guide_sigmas: float = 0.0,
         guide_tries: int = GUIDE_TRIES,
         trains: str = "all",
         **kwargs: Any,

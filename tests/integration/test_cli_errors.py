@@ -105,7 +105,7 @@ def test_scenarios_and_strategies_list(tmp_path):
     assert result.returncode == 0 and "fedavg" in result.stdout
     result = run_cli("strategies", "--verbose")  # each one's [strategy] keys and defaults
     assert result.returncode == 0
-    assert "probes = 8" in result.stdout and "guide_sigmas = 1.0" in result.stdout
+    assert "probes = 8" in result.stdout and "guide_sigmas = 0.0" in result.stdout
     assert "proximal_mu = 0.0" in result.stdout and "fraction_train" not in result.stdout
 
 

@@ -156,7 +156,7 @@ def test_discriminative_sampling_keeps_only_directions_above_the_cosine_threshol
 
 
 def test_the_guide_travels_with_the_next_rounds_messages():
-    strategy, first = configured({"probes": 2})
+    strategy, first = configured({"probes": 2, "guide_sigmas": 1.0})
     assert all(GUIDE_KEY not in m.content.array_records for m in first)
     assert all(TrainInstructions.of(m).probes == 2 for m in first)
     strategy.aggregate_train(1, [probe_reply([(1, 0.5), (2, -1.0)])])
@@ -203,6 +203,7 @@ def test_a_federation_of_real_client_apps_learns_with_seed_only_uploads(tmp_path
             "strategy.probes=3",
             "strategy.variance_threshold=1e-9",
             "strategy.max_clients=4",
+            "strategy.guide_sigmas=1.0",
             "client.lr=0.05",
             "run.rounds=3",
         ],

@@ -146,11 +146,6 @@ def check_federation(
                 f"device tiers {tiers} differ from lora.r = {scenario.lora.r}: use a strategy "
                 "that mixes ranks (flora, hetlora, flexlora) or set devices.tier_ranks = false"
             )
-        if may_upload_seeds(engine):
-            raise ConfigError(
-                f"client.engine = {engine!r} replays seed steps on the adapter sent: it cannot "
-                f"train the mixed LoRA ranks of tiers {tiers} (set devices.tier_ranks = false)"
-            )
     _check_privacy(scenario, traits, population)
 
 

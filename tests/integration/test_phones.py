@@ -80,6 +80,11 @@ def test_auto_sends_probes_to_a_device_too_small_for_backprop(tmp_path):
     dropped; probes have a footprint of their own, so a 100 MB watch is dropped again
     once that is measured too."""
     tiers = watch_and_board(tmp_path)
+    # The watch's tier trains rank 4 (HetLoRA, the scenario's strategy): probes replay on
+    # the rank-4 adapter it was sent.
+    tiers.write_text(
+        tiers.read_text().replace("memory_mb = 100\n", "memory_mb = 100\nlora_rank = 4\n")
+    )
     out = tmp_path / "run"
     simulate_here(
         "phones",
@@ -91,7 +96,6 @@ def test_auto_sends_probes_to_a_device_too_small_for_backprop(tmp_path):
         *("--set", "round.min_reports=1"),
         *("--set", "client.engine=auto"),
         *("--set", "client.auto_fallback=forward"),
-        *("--set", "strategy.name=fedavg"),
     )
     updates = list(read_events(out / "metrics.jsonl", "client_update"))
     by_round = {
@@ -101,6 +105,7 @@ def test_auto_sends_probes_to_a_device_too_small_for_backprop(tmp_path):
     probing = by_round[2]
     assert probing and all(u["engine"] == "forward" for u in probing)
     assert any(u["status"] == "ok" for u in probing)  # the rest: over-selected surplus
+    assert {u["lora_rank"] for u in probing} == {4}
     assert all(u["bytes_up"] < 2_000 for u in probing)  # 4 probes x 8 bytes, plus records
     boards = [u for u in updates if u["round"] == 2 and u["tier"] == "board"]
     assert boards and all(u["engine"] == "backprop" for u in boards)

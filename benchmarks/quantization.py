@@ -11,6 +11,7 @@ none/fp32.
 
     .venv/bin/python benchmarks/quantization.py            # 8 quickstart runs: ~20 min idle
     .venv/bin/python benchmarks/quantization.py --quick    # 2 layers, 1 round: a smoke run
+    .venv/bin/python benchmarks/quantization.py --clients-only  # the client columns alone
 """
 
 from __future__ import annotations
@@ -99,10 +100,14 @@ def run(cmd: list[str]) -> str:
     return result.stdout
 
 
-def measure(quantization: str, dtype: str, extra: list[str], steps: int) -> dict[str, Any]:
-    """Client cost in a fresh process, then a real ``fedtune simulate`` run."""
+def measure(
+    quantization: str, dtype: str, extra: list[str], steps: int, simulate_too: bool = True
+) -> dict[str, Any]:
+    """Client cost in a fresh process, then (``simulate_too``) a real ``fedtune simulate``."""
     overrides = [f"model.quantization={quantization}", f"model.compute_dtype={dtype}", *extra]
     client = run([sys.executable, __file__, "--client", *overrides, "--steps", str(steps)])
+    if not simulate_too:
+        return json.loads(client.strip().splitlines()[-1])
     out = Path(tempfile.mkdtemp(prefix="fedtune-quant-")) / "run"
     sets = [a for kv in overrides for a in ("--set", kv)]
     simulate = [sys.executable, "-m", "fedtune.cli", "simulate", "quickstart", "--out", str(out)]
@@ -113,6 +118,8 @@ def measure(quantization: str, dtype: str, extra: list[str], steps: int) -> dict
 
 def table(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     ref = rows[("none", "fp32")]
+    if "final_perplexity" not in ref:
+        return client_table(rows)
     lines = [
         "| quantization | compute | client peak RSS MiB | ÷ | RSS after load MiB | ÷ "
         "| step s (fastest) | ÷ | step CPU s | ÷ | adapter B fp32 / fp16 / int8 "
@@ -136,10 +143,35 @@ def table(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     return lines
 
 
+def client_table(rows: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """The client columns only (``--clients-only``), with ratios to none/fp32 and to none
+    at the same compute dtype."""
+    ref = rows[("none", "fp32")]
+    lines = [
+        "| quantization | compute | client peak RSS MiB | ÷ none fp32 | ÷ none same dtype "
+        "| RSS after load MiB | ÷ none same dtype | step s (fastest) | step CPU s | ÷ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (quantization, dtype), r in rows.items():
+        same = rows[("none", dtype)]
+        lines.append(
+            f"| {quantization} | {dtype} "
+            f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} "
+            f"| {r['peak_rss_mb'] / same['peak_rss_mb']:.2f} "
+            f"| {r['loaded_rss_mb']:.0f} | {r['loaded_rss_mb'] / same['loaded_rss_mb']:.2f} "
+            f"| {r['step_seconds']:.2f} | {r['step_cpu_seconds']:.2f} "
+            f"| {r['step_cpu_seconds'] / ref['step_cpu_seconds']:.2f} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 layers, 1 round, 3 steps")
     parser.add_argument("--steps", type=int, default=0, help="client steps (default 10; 3)")
+    parser.add_argument(
+        "--clients-only", action="store_true", help="measure the clients, run no simulation"
+    )
     parser.add_argument("--client", nargs="+", metavar="KEY=VALUE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     steps = args.steps or (3 if args.quick else 10)
@@ -154,10 +186,11 @@ def main() -> None:
     rows = {}
     for quantization in QUANTIZATIONS:
         for dtype in COMPUTE_DTYPES:
-            row = measure(quantization, dtype, extra, steps)
+            row = measure(quantization, dtype, extra, steps, not args.clients_only)
             rows[(quantization, dtype)] = row
             print(f"{quantization}/{dtype}: {json.dumps(row)}", file=sys.stderr, flush=True)
-    command = "python benchmarks/quantization.py" + (" --quick" if args.quick else "")
+    flags = [f for f, on in (("--quick", args.quick), ("--clients-only", args.clients_only)) if on]
+    command = " ".join(["python benchmarks/quantization.py", *flags])
     print(f"Command: `{command}` ({steps} client steps per combination)")
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "

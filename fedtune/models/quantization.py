@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -135,15 +136,14 @@ def load_quantized(
         model = transformers.AutoModelForCausalLM.from_config(
             config, dtype=compute_dtype, attn_implementation="eager"
         )
-    from safetensors import safe_open
-
     names = {id(m): n for n, m in model.named_modules()}
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    where = {key: h for h in handles for key in h.keys()}
+    where = {key: (f, entry) for f in files for key, entry in _safetensors_index(f).items()}
     for layer in _decoder_layers(model, quantization):
         _fill(layer, names[id(layer)], compute_dtype, where)
         quantize_layer(layer, quantization, compute_dtype)
+        _release_freed_memory()
     _fill(model, "", compute_dtype, where)  # the embeddings, norms and head: what is left
+    _release_freed_memory()
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
@@ -152,6 +152,22 @@ def load_quantized(
             f"{', '.join(left[:3])}): complete the checkpoint"
         )
     return model
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory freed by a layer's full-precision weights back to the system.
+
+    glibc keeps freed blocks of a few MB in its heap (its mmap threshold rises to the
+    largest block freed), so without this the process holds every layer's transient
+    weights and quantization buffers: measured on SmolLM2-135M int8, 884 MiB resident
+    anonymous memory after loading where the model needs ~230 MiB."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def _safetensors_files(folder: Path) -> list[Path] | None:
@@ -163,9 +179,45 @@ def _safetensors_files(folder: Path) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _safetensors_index(path: Path) -> dict[str, tuple[int, dict[str, Any]]]:
+    """Tensor name -> (offset of the data section, header entry) of a safetensors file."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return {name: (8 + size, entry) for name, entry in header.items()}
+
+
+def _read_tensor(path: Path, located: tuple[int, dict[str, Any]]) -> torch.Tensor:
+    """One tensor of a safetensors file, read into fresh memory. Not through a memory
+    map (``safetensors.safe_open``): every page of the file read through the map counts
+    in the process's resident memory while the map lives, ~540 MB for SmolLM2."""
+    start, entry = located
+    begin, end = entry["data_offsets"]
+    tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+    with open(path, "rb") as handle:
+        handle.seek(start + begin)
+        handle.readinto(memoryview(tensor.view(torch.uint8).reshape(-1).numpy()))
+    if end - begin != tensor.numel() * tensor.element_size():
+        raise ModelError(f"{path}: tensor size does not match its header")
+    return tensor
+
+
 def _fill(module: torch.nn.Module, prefix: str, dtype: torch.dtype, where: dict[str, Any]) -> None:
     """Read ``module``'s meta-device parameters and buffers that the files hold
-    (``where``: tensor name -> open safetensors file), floats cast to ``dtype``."""
+    (``where``: tensor name -> (file, its header entry)), floats cast to ``dtype``."""
     dot = f"{prefix}." if prefix else ""
     meta = [
         (name, isinstance(t, torch.nn.Parameter))
@@ -173,7 +225,7 @@ def _fill(module: torch.nn.Module, prefix: str, dtype: torch.dtype, where: dict[
         if t.device.type == "meta" and dot + name in where
     ]
     for name, is_parameter in meta:
-        value = where[dot + name].get_tensor(dot + name)
+        value = _read_tensor(*where[dot + name])
         value = value.to(dtype) if value.is_floating_point() else value
         owner_name, _, leaf = name.rpartition(".")
         owner = module.get_submodule(owner_name)

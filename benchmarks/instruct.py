@@ -29,16 +29,18 @@ SPLITS = {
     "dirichlet-0.1": ["data.partitioner='dirichlet'", "data.alpha=0.1", "data.num_clients=12"],
 }
 STRATEGIES = ["fedavg", "ffa-lora", "fedsa-lora"]
-# Sized for 2 busy cores (~10 min a run): fewer rounds, clients and answers than the
-# shipped scenario; every run has the same settings.
+# Sized for 2 busy cores (~10 min a run): fewer rounds, clients, scored clients and
+# answers than the shipped scenario; every run has the same settings.
 SCENARIO = [
     "run.rounds=2",
     "client.local_steps=4",
     "round.clients_per_round=3",
     "round.min_reports=2",
-    "data.eval_chunks=32",
-    "evaluation.clients=6",
-    "evaluation.examples=24",
+    "data.eval_chunks=24",
+    "data.local_holdout=0.1",
+    "evaluation.clients=4",
+    "evaluation.examples=16",
+    "evaluation.max_new_tokens=32",
 ]
 QUICK = [
     "model.name='tiny-llama'",

@@ -62,9 +62,10 @@ smaller logits but more packed copies of a 4-bit head (~17 MB each for SmolLM2's
 ``MatMulNBits``), and of an fp32 one 113 MB each, so the fp32 graph keeps one."""
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped whenever the build changes what it writes (part of the cache key).
-2: chunked loss in both graphs, recomputation in the training graph, ``int4``."""
+2: chunked loss in both graphs, recomputation in the training graph, ``int4``.
+3: ``int4``'s inference graph keeps the LM head in int8 (vocabulary chunks)."""
 INT8_MODES = ("none", "weights", "dynamic", "int4")
 """Values of ``int8`` (``gateway.artifact_int8``): how the frozen weights are stored."""
 NO_TRAINING_GRADIENT = (
@@ -401,6 +402,7 @@ def _export_inference(
     if int8 in ("weights", "int4"):
         graph = onnx.load(str(path))
         if int8 == "int4":
+            quantize_head_int8(graph)
             quantize_matmuls_4bit(graph)
         quantize_frozen_weights(graph)  # what is left: the embedding table
         quantize_embedding_rows(graph)
@@ -466,7 +468,15 @@ def quantize_frozen_weights(graph: Any) -> list[str]:
         names.append(tensor.name)
     del graph.graph.initializer[:]
     graph.graph.initializer.extend(kept)
-    nodes = added + list(graph.graph.node)  # the dequantized weights exist before any use
+    # Each dequantization just before its first use: ONNX Runtime's priority-based order
+    # runs ready nodes by their place in the graph, and a block of them at the top would
+    # expand every layer's weight to fp32 before the first layer runs.
+    pending = {n.output[0]: n for n in added}
+    nodes: list[Any] = []
+    for node in graph.graph.node:
+        nodes += [pending.pop(i) for i in node.input if i in pending]
+        nodes.append(node)
+    nodes += pending.values()
     del graph.graph.node[:]
     graph.graph.node.extend(nodes)
     return names
@@ -586,6 +596,77 @@ def quantize_matmuls_4bit(graph: Any, block_size: int = 32) -> list[str]:
     return names
 
 
+def quantize_head_int8(graph: Any, vocab_chunks: int = 8) -> list[str]:
+    """The LM head in int8, dequantized a vocabulary chunk at a time (in place).
+
+    The head is the constant ``[K, N]`` B of the ``MatMul`` s whose logits feed a
+    ``SoftmaxCrossEntropyLoss``. It is stored int8 with one scale per vocabulary word
+    (symmetric, as :func:`quantize_frozen_weights`), cut into ``vocab_chunks`` column
+    blocks; each such ``MatMul`` becomes, per block, ``DequantizeLinear`` + ``MatMul``,
+    and a ``Concat`` of the blocks' logits. Only one block of the head is fp32 at a
+    time (14 MB of SmolLM2's 113 MB). 4 bits are too coarse here: SmolLM2's GGUF keeps
+    its tied embedding in 8 bits (Q8_0), and a 4-bit head cost +0.06 in loss where the
+    4-bit decoder cost nothing (it reproduces the GGUF's Q4_1 blocks). ONNX Runtime
+    1.19 has no 8-bit ``MatMulNBits``. Returns the heads' names.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    feeds_loss = {
+        i for n in graph.graph.node if n.op_type == "SoftmaxCrossEntropyLoss" for i in n.input[:1]
+    }
+    feeds_loss |= {
+        n.input[0] for n in graph.graph.node if n.op_type == "Cast" and n.output[0] in feeds_loss
+    }
+    inits = {
+        t.name: t
+        for t in graph.graph.initializer
+        if t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and "lora_" not in t.name
+    }
+    heads = {
+        n.input[1]
+        for n in graph.graph.node
+        if n.op_type == "MatMul" and n.output[0] in feeds_loss and n.input[1] in inits
+    }
+    chunks: dict[str, list[tuple[str, str, str]]] = {}
+    for head in sorted(heads):
+        weight = numpy_helper.to_array(inits[head])
+        q, scale = _int8_rows(weight.T)
+        n = weight.shape[1]
+        bounds = [n * c // vocab_chunks for c in range(vocab_chunks + 1)]
+        chunks[head] = []
+        for c, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+            tag = f"{head}_int8_{c}"
+            graph.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.ascontiguousarray(q[start:end].T), f"{tag}_q"),
+                    numpy_helper.from_array(scale[start:end], f"{tag}_scale"),
+                    numpy_helper.from_array(np.zeros(end - start, np.int8), f"{tag}_zero"),
+                ]
+            )
+            chunks[head].append((f"{tag}_q", f"{tag}_scale", f"{tag}_zero"))
+    nodes: list[Any] = []
+    for node in graph.graph.node:
+        parts = chunks.get(node.input[1]) if node.op_type == "MatMul" else None
+        if parts is None:
+            nodes.append(node)
+            continue
+        out, tag = node.output[0], node.name or node.output[0]
+        for c, inputs in enumerate(parts):
+            nodes += [
+                helper.make_node(
+                    "DequantizeLinear", list(inputs), [f"{out}_w{c}"], name=f"{tag}_dq{c}", axis=1
+                ),
+                helper.make_node(
+                    "MatMul", [node.input[0], f"{out}_w{c}"], [f"{out}_{c}"], name=f"{tag}_{c}"
+                ),
+            ]
+        concat = [f"{out}_{c}" for c in range(len(parts))]
+        nodes.append(helper.make_node("Concat", concat, [out], name=f"{tag}_concat", axis=-1))
+    _drop_unused(graph, nodes)
+    return sorted(heads)
+
+
 def _nbits_node(node: Any, tag: str, k: int, n: int, block_size: int) -> Any:
     from onnx import helper
 
@@ -618,20 +699,45 @@ def _drop_unused(graph: Any, nodes: list[Any]) -> None:
     graph.graph.initializer.extend(kept)
 
 
-def recompute_in_backward(graph: Any) -> int:
+RANDOM_OPS = frozenset(
+    {
+        "Dropout",
+        "BitmaskDropout",
+        "RandomNormal",
+        "RandomNormalLike",
+        "RandomUniform",
+        "RandomUniformLike",
+        "Multinomial",
+        "Bernoulli",
+    }
+)
+"""Forward operators a recomputation would not reproduce."""
+
+
+def recompute_in_backward(graph: Any, layers: bool = True) -> int:
     """Let the backward pass recompute what the forward pass would otherwise keep.
 
     ``generate_artifacts`` wires every backward node to the forward tensors it needs,
-    so those live from the forward pass to the backward one. Two kinds are large and
-    cheap to recompute: a frozen weight dequantized from int8 (``DequantizeLinear``,
-    perhaps ``Transpose``d: an fp32 copy of the weight, per layer) and a loss slice's
-    log-softmax (``SoftmaxCrossEntropyLoss`` over ``MatMul(hidden slice, head)``: the
-    vocabulary's logits). Their backward consumers get a clone of the producing nodes
-    instead (gradient checkpointing, done on the graph), so the forward copies die
-    right after their forward use. Clones read a renamed copy of the (small) scale, so
-    ONNX Runtime's common-subexpression pass cannot merge them back. Returns the
-    number of cloned nodes.
+    so those live from the forward pass to the backward one. What is recomputed
+    instead:
+
+    - a frozen weight dequantized from int8 (``DequantizeLinear``, perhaps
+      ``Transpose``d: an fp32 copy of the weight, per layer);
+    - a loss slice's log-softmax (``SoftmaxCrossEntropyLoss`` over ``MatMul(hidden
+      slice, head)``: the vocabulary's logits);
+    - with ``layers``, every tensor computed inside a decoder layer (nodes named
+      ``.../layers.<i>/...``) but the layer's outputs: the backward of layer ``i``
+      re-runs the layer's forward from its input, so only the 30 layer inputs are kept
+      from the forward pass instead of every activation (per-layer activation
+      checkpointing; costs one more forward).
+
+    Their backward consumers get a clone of the producing nodes (named ``*_recompute``),
+    so the forward copies die right after their forward use. Dequantizing clones read
+    a renamed copy of the (small) scale, so ONNX Runtime's common-subexpression pass
+    cannot merge them back. Returns the number of cloned nodes.
     """
+    import re
+
     from onnx import numpy_helper
 
     nodes = list(graph.graph.node)
@@ -639,8 +745,34 @@ def recompute_in_backward(graph: Any) -> int:
     inits = {t.name: t for t in graph.graph.initializer}
     constant: set[str] = set(inits)  # tensors computed from initializers alone
 
+    backward_ids: set[int] = set()
+    gradients: set[str] = set()
+    for node in nodes:  # in topological order: a node reading a gradient is backward
+        if (
+            "_Grad/" in node.name
+            or node.op_type.endswith("Grad")
+            or node.name.startswith("AccumulateGrad")
+            or any(i in gradients for i in node.input)
+        ):
+            backward_ids.add(id(node))
+            gradients.update(node.output)
+
     def is_backward(node: Any) -> bool:
-        return "_Grad/" in node.name or node.op_type.endswith("Grad")
+        return id(node) in backward_ids
+
+    def layer_of(node: Any) -> str | None:
+        found = re.search(r"layers\.(\d+)/", node.name)
+        return found.group(1) if found and not is_backward(node) else None
+
+    # A layer's outputs: tensors a forward node of another layer (or of none) reads.
+    boundary = {
+        i
+        for node in nodes
+        if not is_backward(node)
+        for i in node.input
+        if i in producer and layer_of(producer[i]) not in (None, layer_of(node))
+    }
+    boundary |= {o.name for o in graph.graph.output}
 
     for node in nodes:
         if not is_backward(node) and node.input and all(i in constant or not i for i in node.input):
@@ -653,8 +785,16 @@ def recompute_in_backward(graph: Any) -> int:
             return node.output[0] in constant
         if node.op_type == "Transpose":  # of a dequantized weight
             source = producer.get(node.input[0])
-            return source is not None and source.op_type == "DequantizeLinear"
-        return node.op_type == "SoftmaxCrossEntropyLoss"
+            if source is not None and source.op_type == "DequantizeLinear":
+                return True
+        if node.op_type == "SoftmaxCrossEntropyLoss":
+            return True
+        return (
+            layers
+            and layer_of(node) is not None
+            and node.op_type not in RANDOM_OPS
+            and not any(o in boundary for o in node.output)
+        )
 
     clones: dict[str, str] = {}
     added: dict[int, list[Any]] = {}

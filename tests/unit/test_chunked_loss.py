@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -88,6 +90,32 @@ def test_the_training_graph_recomputes_logits_and_weights_for_backward():
     # The embedding is read as int8 rows: no Gather reads a dequantized table.
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in dequantized]
+    # Per-layer recomputation: of what a layer computes, the backward keeps only the
+    # layer's outputs (what the next layer reads); everything else it re-runs.
+    layer = re.compile(r"layers\.(\d+)/")
+    backward += [n for n in graph.node if n.name.startswith("AccumulateGrad")]
+    forward = [n for n in graph.node if n not in backward]
+
+    def layer_of(node: onnx.NodeProto) -> str | None:
+        found = layer.search(node.name)
+        return found[1] if found else None
+
+    reads_across = {  # a layer's outputs: read by a forward node of another layer, or none
+        i
+        for n in forward
+        for i in n.input
+        if i in producer and layer_of(producer[i]) not in (None, layer_of(n))
+    }
+    kept = {
+        i
+        for n in backward
+        for i in n.input
+        if i in producer
+        and layer_of(producer[i]) is not None
+        and producer[i] in forward
+        and not producer[i].name.endswith("_recompute")
+    }
+    assert kept and kept <= reads_across, sorted(kept - reads_across)[:3]
 
 
 def test_the_int4_inference_graph_keeps_weights_4bit_and_the_loss():
@@ -97,9 +125,15 @@ def test_the_int4_inference_graph_keeps_weights_4bit_and_the_loss():
     int4 = build_artifacts("tiny-llama", 0, LORA, int8="int4")
     graph = onnx.load(str(int4.file("inference_model").path)).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("MatMulNBits") >= 2 * 7 + 1  # 7 projections per layer, the head
-    assert "DequantizeLinear" not in ops  # nothing expands a whole table to fp32
-    assert int4.file("inference_model").size < 0.25 * fp32.file("inference_model").size
+    assert ops.count("MatMulNBits") == 2 * 7  # 7 projections per layer
+    # The head is int8, dequantized one vocabulary block at a time: nothing expands a
+    # whole table to fp32.
+    inits = {t.name: tuple(t.dims) for t in graph.initializer}
+    blocks = [inits[n.input[0]] for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert len(blocks) >= 8 and all(k == 64 for k, _ in blocks)  # [hidden, words of a block]
+    assert max(n for _, n in blocks) <= -(-49152 // 8)
+    # The tiny model is mostly vocabulary (embedding and head), both kept int8.
+    assert int4.file("inference_model").size < 0.3 * fp32.file("inference_model").size
     ort = onnxruntime()
     ids = batch(2000, (2, 24)).numpy()
     losses = []

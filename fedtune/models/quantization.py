@@ -269,17 +269,30 @@ class Int8WeightOnlyLinear(torch.nn.Linear):
 
 
 class _Int8MatMul(torch.autograd.Function):
-    """``x @ (qdata * scale[:, None]).T``; saves only the int8 matrix and its scales."""
+    """``x @ (qdata * scale[:, None]).T``; saves only the int8 matrix and its scales.
+
+    ``setup_context`` and ``jvp`` make it work under ``torch.func`` transforms too (the
+    forward engine's forward-mode AD, ``client.forward_derivative = "jvp"``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> Any:
-        ctx.save_for_backward(qdata, scale)
+    def forward(x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor) -> Any:
         return (x @ qdata.t().to(x.dtype)) * scale.to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        _, qdata, scale = inputs
+        ctx.save_for_backward(qdata, scale)
+        ctx.save_for_forward(qdata, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         qdata, scale = ctx.saved_tensors
         return (grad * scale.to(grad.dtype)) @ qdata.to(grad.dtype), None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: torch.Tensor, qdata_t: Any, scale_t: Any) -> Any:
+        qdata, scale = ctx.saved_tensors
+        return (x_t @ qdata.t().to(x_t.dtype)) * scale.to(x_t.dtype)
 
 
 def _int8(linear: torch.nn.Linear) -> Int8WeightOnlyLinear:

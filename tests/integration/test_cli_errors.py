@@ -113,7 +113,6 @@ def test_scenarios_and_strategies_list(tmp_path):
     ("scenario", "overrides", "needles"),
     [
         # Seed steps replay on the adapter sent: tiers of another LoRA rank cannot use them.
-        ("phones", ["client.engine='zeroth'"], ["client.engine = 'zeroth'", "low-phone"]),
         ("tiny", ["strategy.name='fedkseed'"], ["'fedkseed' aggregates seed steps"]),
         ("tiny", ["client.engine='auto'"], ["client.engine = 'auto'", "[devices]"]),
     ],

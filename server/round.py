@@ -505,10 +505,11 @@ def _common_metrics(replies: list[Message]) -> None:
     strategies refuse a round whose MetricRecords differ, and engines report different
     ones (``client.engine = "auto"`` mixes backprop with probes). Each client's full
     report is in its ``client_update`` event already."""
-    records = [r.content.metric_records.get(METRICS_KEY) for r in replies]
-    if len(records) < 2 or any(record is None for record in records):
+    found = [r.content.metric_records.get(METRICS_KEY) for r in replies]
+    records = [record for record in found if record is not None]
+    if len(records) < 2 or len(records) != len(found):
         return
-    common = set.intersection(*(set(record.keys()) for record in records))  # type: ignore[union-attr]
+    common = set.intersection(*(set(record.keys()) for record in records))
     for record in records:
-        for key in set(record.keys()) - common:  # type: ignore[union-attr]
-            del record[key]  # type: ignore[union-attr]
+        for key in set(record.keys()) - common:
+            del record[key]

@@ -85,13 +85,30 @@ def split_holdout(text: str, fraction: float) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def leading_special(tokenizer: Any) -> list[int]:
+    """The token(s) the tokenizer puts before any text: ``[<bos>]`` for Gemma, whose
+    outputs go astray on a sequence without it; none for SmolLM2."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    at = full.index(plain[0]) if plain and plain[0] in full else 0
+    return list(full[:at])
+
+
 def chunk_tokens(tokenizer: Any, text: str, seq_len: int) -> torch.Tensor:
-    """Tokenize ``text`` and cut it into non-overlapping ``seq_len`` chunks (int64)."""
+    """Tokenize ``text`` and cut it into non-overlapping ``seq_len`` chunks (int64).
+
+    Every chunk starts with the tokenizer's own leading special tokens
+    (:func:`leading_special`), as a sequence the model saw in training did."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    n = len(ids) // seq_len
+    prefix = leading_special(tokenizer)
+    body = seq_len - len(prefix)
+    n = len(ids) // body if body > 0 else 0
     if n == 0:
         return torch.empty((0, seq_len), dtype=torch.long)
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    rows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
+    if prefix:
+        rows = torch.cat([torch.tensor([prefix] * n, dtype=torch.long), rows], dim=1)
+    return rows
 
 
 def client_train_chunks(

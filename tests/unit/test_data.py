@@ -136,3 +136,27 @@ def test_eval_chunks_interleave_eval_clients(tokenizer):
     assert chunks.shape == (6, 32)
     first = [chunk_tokens(tokenizer, c.text, 32)[0] for c in population.evaluation]
     assert all((chunks[i] == first[i]).all() for i in range(3))
+
+
+def test_chunks_start_with_the_tokenizers_own_bos(tokenizer):
+    # Gemma's tokenizer puts <bos> before any text and the model goes astray without
+    # it; a tokenizer built here the same way (a template adding <bos>) must get it on
+    # every chunk, and a tokenizer without one (SmolLM2's) nothing.
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from fedtune.data.population import leading_special
+
+    vocab = {"<bos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate("to be or not".split())}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 0)]
+    )
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", unk_token="<unk>")
+    assert leading_special(with_bos) == [0]
+    chunks = chunk_tokens(with_bos, "to be or not to be " * 10, 4)
+    assert chunks.shape == (20, 4)  # 60 words, 3 a chunk after <bos>
+    assert (chunks[:, 0] == 0).all() and (chunks[:, 1:] != 0).all()
+    assert chunks[0].tolist() == [0, 2, 3, 4]
+    assert leading_special(tokenizer) == []  # SmolLM2's: chunks are plain text

@@ -411,9 +411,17 @@ class RoundConfig:
     clip_updates: float = 0.0
     """Server-side clipping: scale an update whose norm exceeds this many times the
     round's median down to that norm (0: off)."""
+    max_missed: int = 2
+    """A node that leaves this many messages in a row unanswered is not sampled until it
+    answers a discovery query again (0: never benched)."""
+    join_wait_s: float = 30.0
+    """Seconds a round waits for newly listed nodes to say which client they are (a
+    later answer lets them join a later round)."""
 
     def __post_init__(self) -> None:
         _check(self.clients_per_round >= 1, "round.clients_per_round", "must be at least 1")
+        _between(self.max_missed, 0, 1000, "round.max_missed")
+        _between(self.join_wait_s, 0.0, MAX_SECONDS, "round.join_wait_s")
         for key in ("outlier_factor", "max_update_ratio", "clip_updates"):
             value = getattr(self, key)
             _check(

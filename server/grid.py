@@ -5,6 +5,15 @@ map from node to client. At start the grid asks every node (a ``query`` message)
 which client it is (its ``partition-id``), and from then on lists node ids in client
 order. Strategies sample from that list as from any Flower grid.
 
+Fleets churn, so :meth:`DeviceGrid.refresh` re-lists the nodes before each round
+(:class:`NodeChanges`): a node no longer listed (Flower drops a SuperNode whose
+heartbeats stopped) is not sampled; a newly listed node is asked which client it is and
+joins; a node that left ``round.max_missed`` consecutive messages unanswered is benched
+(not sampled) until it answers again; and a partition belongs to the node that claimed
+it last, so a restarted SuperNode or phone, which comes back under a new node id,
+reclaims its own partition from the node id it had (``docs/deploy.md``, "Nodes that
+come and go").
+
 :meth:`DeviceGrid.collect` replaces ``send_and_receive`` in the round loop: it
 reports each reply as it arrives and stops at the deadline, so a node that vanishes
 is a timeout, not a crash.
@@ -14,8 +23,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -36,6 +45,34 @@ class NodeInfo:
 
     node_id: int
     client_index: int
+
+
+@dataclass
+class NodeChanges:
+    """How the grid's nodes changed since the last round: what a ``nodes`` event says."""
+
+    joined: list[tuple[int, int]] = field(default_factory=list)
+    """(node, client) of nodes that joined."""
+    reclaimed: list[tuple[int, int, int]] = field(default_factory=list)
+    """(client, node that held it, node that took it over)."""
+    gone: list[int] = field(default_factory=list)
+    """Nodes no longer listed."""
+    benched: list[int] = field(default_factory=list)
+    """Nodes that left ``round.max_missed`` messages in a row unanswered."""
+    back: list[int] = field(default_factory=list)
+    """Benched nodes that answered again."""
+
+    def __bool__(self) -> bool:
+        return any((self.joined, self.reclaimed, self.gone, self.benched, self.back))
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "joined": [{"node": n, "client": c} for n, c in self.joined],
+            "reclaimed": [{"client": c, "from": a, "to": b} for c, a, b in self.reclaimed],
+            "gone": list(self.gone),
+            "benched": list(self.benched),
+            "back": list(self.back),
+        }
 
 
 class WrappedGrid(Grid):
@@ -113,22 +150,45 @@ def replies_of(grid: Grid, message_ids: Iterable[str]) -> list[tuple[str, Messag
 
 
 class DeviceGrid(WrappedGrid):
-    """A :class:`flwr.serverapp.Grid` wrapper whose nodes are known clients."""
+    """A :class:`flwr.serverapp.Grid` wrapper whose nodes are known clients.
 
-    def __init__(self, grid: Grid) -> None:
+    ``known`` maps node ids to client indices the server can trust without asking (the
+    simulation engine's own virtual nodes, :func:`fedtune.simulations.runner.simulate`):
+    those nodes are never sent a discovery query, so discovery costs nothing per node of
+    a population that is never sampled.
+    """
+
+    def __init__(self, grid: Grid, known: Mapping[int, int] | None = None) -> None:
         super().__init__(grid)
         self.nodes: dict[int, NodeInfo] = {}
+        """Live nodes: listed by the grid, not benched."""
         self.available: set[int] | None = None
         """Nodes eligible this round (None: all); set by the loop from device tiers."""
         self.arrival: dict[int, float] = {}
         """Seconds from sending to each reply, by source node (the last ``collect``)."""
         self.message_ids: dict[int, str] = {}
         """The id of the last message each node was sent."""
+        self.known: Mapping[int, int] = known if known is not None else {}
+        self._trusts = known is not None
+        self.population = 0
+        self.clients: dict[int, int] = {}
+        """Every node ever admitted -> its client (events of a node that has left)."""
+        self.benched: dict[int, NodeInfo] = {}
+        self.left: dict[int, NodeInfo] = {}
+        """Nodes no longer listed, by node: what a short round falls back on."""
+        self.misses: dict[int, int] = {}
+        """Node -> messages in a row it left unanswered."""
+        self.probes: dict[str, int] = {}
+        """Discovery queries not answered yet: message id -> node."""
+        self.filled: list[int] = []
+        """Nodes that are not live, listed this round only because too few are."""
+        self._changes = NodeChanges()
 
     def get_node_ids(self) -> Iterable[int]:
         """Known (and, if set, available) nodes, in client order: stable across runs."""
         nodes = sorted(self.nodes.values(), key=lambda n: n.client_index)
-        return [n.node_id for n in nodes if self.available is None or n.node_id in self.available]
+        listed = [n.node_id for n in nodes if self.available is None or n.node_id in self.available]
+        return listed + self.filled
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
@@ -148,7 +208,8 @@ class DeviceGrid(WrappedGrid):
 
     # -- fedtune additions -------------------------------------------------------
     def client_index(self, node_id: int) -> int:
-        return self.nodes[node_id].client_index
+        info = self.nodes.get(node_id)
+        return info.client_index if info is not None else self.clients[node_id]
 
     def measured_transfer(self, node_id: int) -> tuple[int, int] | None:
         """(bytes down, bytes up) a phone moved for the last message sent to it, as the
@@ -163,8 +224,9 @@ class DeviceGrid(WrappedGrid):
         """Wait for ``expected`` nodes, ask each which client it is, keep the valid ones.
 
         A node whose client index is outside ``[0, population)`` or duplicates another
-        node's is left out with a logged reason.
+        node's is left out with a logged reason. Nodes in ``known`` are not asked.
         """
+        self.population = population
         deadline = time.monotonic() + timeout
         while len(ids := list(self._grid.get_node_ids())) < expected:
             if time.monotonic() > deadline:
@@ -173,39 +235,165 @@ class DeviceGrid(WrappedGrid):
                 )
                 break
             time.sleep(0.2)
+        while self._trusts and not all(n in self.known for n in ids):
+            if time.monotonic() > deadline:  # the engine's map never came: ask the nodes
+                break
+            time.sleep(POLL_SECONDS)
+        found: dict[int, NodeInfo] = {}
+        taken: set[int] = set()
+        for node, index in self._ask(sorted(ids), max(deadline - time.monotonic(), 5.0)):
+            if index in taken:
+                log(WARNING, "Node %d claims client %d, which another has; left out", node, index)
+                continue
+            taken.add(index)
+            found[node] = NodeInfo(node, index)
+        self.nodes = found
+        self.clients.update((n, i.client_index) for n, i in found.items())
+        log(INFO, "Discovered %d client nodes", len(found))
+        return found
+
+    def refresh(self, max_missed: int, wait: float, needed: int) -> NodeChanges:
+        """Re-list the nodes before a round; return what changed since the last round.
+
+        Nodes no longer listed leave; newly listed ones are asked which client they are
+        (for up to ``wait`` seconds; a later answer counts at a later round); benched
+        nodes are asked again and come back when they answer. A claim of a partition
+        another node holds moves the partition to the claimant: the latest claim wins.
+        With fewer than ``needed`` live nodes, nodes that left or are benched fill the
+        list (in client order; logged): Flower's strategies wait for ever for more nodes
+        than a grid lists, and a missing reply is only a dropped update.
+        """
+        changes, self._changes = self._changes, NodeChanges()
+        listed = set(self._grid.get_node_ids())
+        for node in sorted(set(self.nodes) - listed):
+            self.left[node] = self.nodes.pop(node)
+            changes.gone.append(node)
+        for node in sorted(set(self.benched) - listed):
+            self.left[node] = self.benched.pop(node)
+        asking = set(self.probes.values())
+        new = sorted(n for n in listed if n not in self.nodes and n not in asking)
+        again = [n for n in new if n in self.benched]  # asked, not waited for
+        claims = self._ask(again, 0.0, keep_unanswered=True)
+        claims += self._ask([n for n in new if n not in self.benched], wait, keep_unanswered=True)
+        for node, index in claims:
+            self._admit(node, index, changes)
+        self.filled = []
+        if len(self.nodes) < needed:
+            held = {info.client_index for info in self.nodes.values()}
+            spare = sorted(
+                {**self.left, **self.benched}.values(), key=lambda info: info.client_index
+            )
+            for info in spare:
+                if len(self.nodes) + len(self.filled) >= needed:
+                    break
+                if info.client_index not in held:
+                    held.add(info.client_index)
+                    self.filled.append(info.node_id)
+            log(
+                WARNING,
+                "%d live client nodes, a round samples %d: %d that left or are benched are "
+                "sampled too",
+                len(self.nodes),
+                needed,
+                len(self.filled),
+            )
+        if changes:
+            log(INFO, "Nodes changed: %s (%d live)", changes.fields(), len(self.nodes))
+        return changes
+
+    def note_answers(self, answered: Mapping[int, bool], max_missed: int) -> None:
+        """After a round: ``answered[node]`` says whether each node sent to replied. A
+        node that left ``max_missed`` messages in a row unanswered is benched (0: never)."""
+        for node, replied in answered.items():
+            self.misses[node] = 0 if replied else self.misses.get(node, 0) + 1
+            if max_missed and self.misses[node] >= max_missed and node in self.nodes:
+                self.benched[node] = self.nodes.pop(node)
+                self._changes.benched.append(node)
+                log(
+                    WARNING,
+                    "Node %d (client %d) left %d messages in a row unanswered: not sampled "
+                    "until it answers again",
+                    node,
+                    self.clients[node],
+                    self.misses[node],
+                )
+
+    def _admit(self, node: int, index: int, changes: NodeChanges) -> None:
+        """``node`` claims client ``index``: it joins, comes back, or takes the partition
+        over from the node that held it (a restarted node comes back under a new id)."""
+        info = NodeInfo(node, index)
+        self.misses[node] = 0
+        self.left.pop(node, None)
+        if self.benched.pop(node, None) is not None:
+            changes.back.append(node)
+        else:
+            holders = [
+                n
+                for pool in (self.nodes, self.benched, self.left)
+                for n, i in pool.items()
+                if i.client_index == index and n != node
+            ]
+            for holder in holders:
+                for pool in (self.nodes, self.benched, self.left):
+                    pool.pop(holder, None)
+                changes.reclaimed.append((index, holder, node))
+            if not holders:
+                changes.joined.append((node, index))
+        self.nodes[node] = info
+        self.clients[node] = index
+
+    def _ask(
+        self, nodes: list[int], timeout: float, keep_unanswered: bool = False
+    ) -> list[tuple[int, int]]:
+        """(node, client index) of ``nodes`` that say which client they are within
+        ``timeout`` (``known`` nodes are not asked), in node order, and of earlier
+        unanswered queries that are answered now. Invalid claims are left out, logged.
+        With ``keep_unanswered``, a query not answered in time stays open."""
+        claims = [(n, self.known[n]) for n in nodes if n in self.known]
+        asked = [n for n in nodes if n not in self.known]
         messages = [
             Message(
                 RecordDict({INFO_KEY: ConfigRecord({})}),
                 dst_node_id=nid,
                 message_type=MessageType.QUERY,
             )
-            for nid in sorted(ids)
+            for nid in asked
         ]
-        replies = self.collect(messages, max(deadline - time.monotonic(), 5.0))
-        found: dict[int, NodeInfo] = {}
-        taken: set[int] = set()
-        for reply in replies:
-            if reply is None:
-                continue
-            node = reply.metadata.src_node_id
-            if reply.has_error() or INFO_KEY not in reply.content.config_records:
-                log(WARNING, "Node %d did not describe itself; left out", node)
-                continue
-            index = reply.content.config_records[INFO_KEY].get(CLIENT_INDEX_KEY)
-            if not isinstance(index, int) or not 0 <= index < population or index in taken:
-                log(
-                    WARNING,
-                    "Node %d claims client %r (population %d); left out",
-                    node,
-                    index,
-                    population,
-                )
-                continue
-            taken.add(index)
-            found[node] = NodeInfo(node, index)
-        self.nodes = found
-        log(INFO, "Discovered %d client nodes", len(found))
-        return found
+        ids = list(self.push_messages(messages)) if messages else []
+        self.probes.update(zip(ids, asked, strict=True))
+        pending = set(ids)
+        deadline = time.monotonic() + timeout
+        while self.probes:
+            for key, reply in replies_of(self._grid, list(self.probes)):
+                pending.discard(key)
+                node = self.probes.pop(key)
+                index = self._claimed(node, reply)
+                if index is not None:
+                    claims.append((node, index))
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_SECONDS)
+        if not keep_unanswered:
+            for key in pending:
+                self.probes.pop(key, None)
+        return sorted(claims)
+
+    def _claimed(self, node: int, reply: Message) -> int | None:
+        """The client index a discovery reply claims, or None (logged) if invalid."""
+        if reply.has_error() or INFO_KEY not in reply.content.config_records:
+            log(WARNING, "Node %d did not describe itself; left out", node)
+            return None
+        index = reply.content.config_records[INFO_KEY].get(CLIENT_INDEX_KEY)
+        if not isinstance(index, int) or not 0 <= index < self.population:
+            log(
+                WARNING,
+                "Node %d claims client %r (population %d); left out",
+                node,
+                index,
+                self.population,
+            )
+            return None
+        return index
 
     def collect(
         self,

@@ -79,10 +79,10 @@ class InProcessGrid(ListedGrid):
         if app is None:
             from fedtune.clients.app import app
         self.app = app
-        self.contexts = {
-            node: Context(1, node, {PARTITION_KEY: index}, RecordDict(), {})
-            for node, index in clients.items()
-        }
+        self.clients = dict(clients)
+        self.contexts: dict[int, Context] = {}
+        """Each node's Context, made when it is first sent a message: a population of
+        nodes never sampled costs a dict entry each."""
         self.replies: dict[str, Message] = {}
         self.silent: set[int] = set()
         """Nodes that have gone away: they answer nothing."""
@@ -105,7 +105,11 @@ class InProcessGrid(ListedGrid):
             node = message.metadata.dst_node_id
             if node in self.silent:
                 continue
-            reply = self.app(message, self.contexts[node])
+            context = self.contexts.get(node)
+            if context is None:
+                context = Context(1, node, {PARTITION_KEY: self.clients[node]}, RecordDict(), {})
+                self.contexts[node] = context
+            reply = self.app(message, context)
             reply.metadata.__dict__["_src_node_id"] = node
             reply.metadata.__dict__["_reply_to_message_id"] = key
             self.replies[key] = reply
@@ -113,6 +117,17 @@ class InProcessGrid(ListedGrid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self.replies.pop(k) for k in list(message_ids) if k in self.replies]
+
+    def add_node(self, node: int, index: int) -> None:
+        """A node joins serving client ``index`` (a restarted one comes back under a new
+        id, with a fresh Context, as a restarted SuperNode does)."""
+        self.node_ids.append(node)
+        self.clients[node] = index
+
+    def remove_node(self, node: int) -> None:
+        """A node leaves: no longer listed, and it answers nothing."""
+        self.node_ids.remove(node)
+        self.silent.add(node)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -186,11 +187,14 @@ def run_federation(
     observer: Observer | None = None,
     expected_nodes: int | None = None,
     resume: Checkpoint | None = None,
+    known_nodes: Mapping[int, int] | None = None,
 ) -> dict[str, Any]:
     """Run every round of ``scenario`` on ``grid``; write the run folder; return the summary.
 
     With ``resume``, start after the checkpoint's round from its state; events of later
     rounds (written before the crash, after the checkpoint) are dropped first.
+    ``known_nodes`` (node -> client index) are nodes the server need not ask which
+    client they are: the simulation engine's own (see :class:`DeviceGrid`).
     """
     observer = observer if observer is not None else Silent()
     started = time.perf_counter()
@@ -203,7 +207,9 @@ def run_federation(
     # What the run fixes: data, the evaluating model, the strategy, the federation.
     population = build_population(scenario.data)
     tokenizer = load_tokenizer(scenario.model.name)
-    held_out = eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
+    held_out = eval_chunks(
+        tokenizer, population, scenario.data, scenario.client.seq_len, scenario.model.task
+    )
     evaluator = Evaluator.build(scenario, tokenizer, population)  # [evaluation]: beyond perplexity
     if resume is None:
         write_partition_report(scenario.data, run_dir)  # row data: partitions.md and .png
@@ -214,11 +220,13 @@ def run_federation(
             scenario.model.num_layers,
             scenario.model.quantization,
             trust_remote_code=scenario.model.trust_remote_code,
+            task=scenario.model.task,
+            num_labels=scenario.model.num_labels,
         ),
         scenario.lora,
         seed=scenario.run.seed,
     )
-    fed = _federation(grid, scenario, adapter_state(model), len(population.train))
+    fed = _federation(grid, scenario, adapter_state(model), len(population.train), known_nodes)
     found = fed.grid.discover(
         expected=expected_nodes or len(population.train),
         population=len(population.train),
@@ -262,8 +270,12 @@ def run_federation(
     spec = client_spec(scenario)
     save_update = _update_saver(run_dir) if scenario.run.save_updates else None
 
+    settings = scenario.round
     for rnd in range(state.round + 1, scenario.run.rounds + 1):
         round_started = time.perf_counter()
+        changes = fed.grid.refresh(settings.max_missed, settings.join_wait_s, settings.sampled)
+        if changes:  # nodes joined, left, were benched or came back since the last round
+            events.write("nodes", round=rnd, live=len(fed.grid.nodes), **changes.fields())
         try:
             sampled = steps.sample(fed, rnd, state.adapter, spec)
         except PrivacyBudgetExhausted as exc:  # refused before any client trains
@@ -276,6 +288,7 @@ def run_federation(
         steps.bound_updates(fed, judged, state.adapter)
         steps.apply_round_policy(fed, rnd, judged, len(extra))
         tally = steps.record(fed, rnd, judged, events, observer.client_done, save_update)
+        fed.grid.note_answers(steps.answered(judged), settings.max_missed)
 
         status, why = "abandoned", None
         strategy_metrics: dict[str, Any] = {}
@@ -412,7 +425,13 @@ def model_card(scenario: Scenario, summary: dict[str, Any]) -> str:
     )
 
 
-def _federation(grid: Grid, scenario: Scenario, adapter: AdapterState, population: int) -> Any:
+def _federation(
+    grid: Grid,
+    scenario: Scenario,
+    adapter: AdapterState,
+    population: int,
+    known_nodes: Mapping[int, int] | None = None,
+) -> Any:
     """The strategy (wrapped for privacy), the grid, the fleet and the seed bookkeeping,
     after every cross-section check."""
     strategy = build_strategy(
@@ -431,7 +450,7 @@ def _federation(grid: Grid, scenario: Scenario, adapter: AdapterState, populatio
         scenario=scenario,
         strategy=private or strategy,
         traits=traits,
-        grid=DeviceGrid(grid),
+        grid=DeviceGrid(grid, known_nodes),
         fleet=fleet,
         seeds=SeedSync(scenario.run.seed, client.num_seeds, client.lr, client.local_steps),
         attackers=frozenset(attackers(population, scenario.attack, scenario.run.seed)),

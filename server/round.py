@@ -438,6 +438,12 @@ def bound_updates(fed: Federation, judged: list[Judged], adapter: AdapterState) 
             j.event["clipped_from_norm"] = norm
 
 
+def answered(judged: list[Judged]) -> dict[int, bool]:
+    """Each node sent work this round -> whether it replied at all (a reply that is
+    rejected is still an answer; only silence counts toward ``round.max_missed``)."""
+    return {j.assignment.node: j.reply is not None for j in judged if j.assignment is not None}
+
+
 def apply_round_policy(fed: Federation, rnd: int, judged: list[Judged], extra: int = 0) -> None:
     """Device dropouts, then stragglers past the deadline and surplus over-selected
     reports, on simulated time (or on arrival time), in place. ``extra``: clients a

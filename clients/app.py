@@ -72,6 +72,8 @@ def _model(model: ModelConfig, lora: LoraConfig, seed: int, rank: int = 0) -> An
         model.num_layers,
         model.quantization,
         trust_remote_code=model.trust_remote_code,
+        task=model.task,
+        num_labels=model.num_labels,
     )
     return attach_lora(base, lora, seed=seed, rank=rank)
 
@@ -91,13 +93,16 @@ def _tokenizer(name: str) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _chunks(data: DataConfig, model_name: str, seq_len: int, index: int) -> Any:
+def _chunks(
+    data: DataConfig, model_name: str, seq_len: int, index: int, task: str = "causal-lm"
+) -> Any:
     population = build_population(data)
     if index >= len(population.train):
         raise DataError(
             f"client index {index} is outside the population of {len(population.train)}"
         )
-    return client_train_chunks(_tokenizer(model_name), population.train[index], data, seq_len)
+    tokenizer = _tokenizer(model_name)
+    return client_train_chunks(tokenizer, population.train[index], data, seq_len, task)
 
 
 def probe_settings(settings: Any, asked: TrainInstructions, message: Message) -> ProbeSettings:
@@ -149,7 +154,9 @@ def train(message: Message, context: Context) -> Message:
     index = client_index(context)
     asked = TrainInstructions.of(message)
     scenario = asked.scenario
-    chunks = _chunks(scenario.data, scenario.model.name, scenario.client.seq_len, index)
+    chunks = _chunks(
+        scenario.data, scenario.model.name, scenario.client.seq_len, index, scenario.model.task
+    )
     model = _model(scenario.model, scenario.lora, scenario.run.seed, asked.lora_rank)
     settings = engine_settings(
         asked.engine_name,

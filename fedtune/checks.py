@@ -34,6 +34,9 @@ def may_upload_seeds(engine: str) -> bool:
 
 def check_scenario(scenario: Scenario) -> None:
     """Rules between sections that the scenario alone decides."""
+    from fedtune.tasks import check_task
+
+    check_task(scenario)  # model.task against data, quantization, phones, metrics
     client, model, privacy, gateway = (
         scenario.client,
         scenario.model,

@@ -75,6 +75,10 @@ class RunConfig:
         _between(self.eval_batch_size, 1, MAX_BATCH, "run.eval_batch_size")
 
 
+TASKS = ("causal-lm", "seq-cls", "seq2seq")
+"""Values of ``model.task`` (:mod:`fedtune.tasks`)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """``[model]``: the base model every client fine-tunes."""
@@ -92,9 +96,30 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Run model code shipped inside a local folder (``auto_map`` in its config.json);
     off by default because that code runs in the server and in every client."""
+    task: str = "causal-lm"
+    """What the model is trained to do: ``causal-lm`` (next-token loss on text or
+    responses), ``seq-cls`` (an encoder's class per text, ``data.label_column``) or
+    ``seq2seq`` (an encoder-decoder's response to a prompt, ``data.prompt_column`` and
+    ``data.response_column``). See docs/models.md."""
+    num_labels: int = 0
+    """``seq-cls``: the number of classes of the classification head (at least 2);
+    0 for the other tasks."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
+        _check(
+            self.task in TASKS,
+            "model.task",
+            f"must be one of {', '.join(map(repr, TASKS))}, got {self.task!r}",
+        )
+        if self.task == "seq-cls":
+            _between(self.num_labels, 2, 1_000_000, "model.num_labels")
+        else:
+            _check(
+                self.num_labels == 0,
+                "model.num_labels",
+                f"is the class count of model.task = 'seq-cls'; leave it 0 for {self.task!r}",
+            )
         _check(
             self.compute_dtype in ("fp32", "bf16"),
             "model.compute_dtype",

@@ -1,6 +1,6 @@
 """Scores of the global adapter: held-out perplexity (on token chunks or labelled
-rows), per-client perplexity on each client's own held-out part, and generation
-metrics with deterministic decoding (see ``docs/evaluation.md``)."""
+rows), per-client perplexity on each client's own held-out part, generation metrics
+with deterministic decoding, and a classifier's accuracy (see ``docs/evaluation.md``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from fedtune.data.instruct import Tokens, batch_parts, predicted_tokens
+from fedtune.data.instruct import LabelledChunks, Tokens, batch_parts, predicted_tokens
 from fedtune.data.partition import SPLIT_SEED
-from fedtune.data.population import Population, client_holdout_chunks, generation_examples
+from fedtune.data.population import (
+    Population,
+    client_holdout_chunks,
+    eval_chunks,
+    generation_examples,
+)
 from fedtune.errors import ConfigError, DataError
 from fedtune.scores import Metric, get_metric
 
@@ -28,6 +33,9 @@ def perplexity(model: Any, chunks: Tokens, batch_size: int = 8) -> float:
 
     Each batch's mean loss is weighted by its number of predicted tokens to get the
     exact token mean; for labelled rows (instruction data) only response tokens count.
+    For ``model.task = "seq2seq"`` it is over target tokens; for ``"seq-cls"``, exp of
+    the mean cross-entropy per row over the classes (1 is a sure, right classifier;
+    the number of classes is a uniform guess).
     """
     was_training = model.training
     model.eval()
@@ -44,6 +52,22 @@ def perplexity(model: Any, chunks: Tokens, batch_size: int = 8) -> float:
     if was_training:
         model.train()
     return math.exp(total / tokens) if tokens else math.nan
+
+
+@torch.inference_mode()
+def accuracy(model: Any, rows: LabelledChunks, batch_size: int = 8) -> float:
+    """The share of ``rows`` (``seq-cls``: one class label each) whose highest logit is
+    their label."""
+    was_training = model.training
+    model.eval()
+    right = 0
+    for start in range(0, len(rows), batch_size):
+        input_ids, attention_mask, labels = batch_parts(rows[start : start + batch_size])
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        right += int((logits.argmax(dim=-1) == labels).sum())
+    if was_training:
+        model.train()
+    return right / len(rows) if len(rows) else math.nan
 
 
 def worst_decile(values: Sequence[float]) -> float:
@@ -104,8 +128,9 @@ def check_evaluation(scenario: Scenario) -> None:
 @dataclass
 class Evaluator:
     """What the server scores after a round besides the global held-out perplexity
-    (``[evaluation]``): each sampled training client's own held-out part, and
-    generation metrics on held-out instruction examples. Built once per run."""
+    (``[evaluation]``): each sampled training client's own held-out part, generation
+    metrics on held-out instruction examples, and (``model.task = "seq-cls"``) the
+    accuracy on the global held-out rows. Built once per run."""
 
     client_sets: dict[int, Tokens]
     """Client index -> its held-out tail, tokenized as it trains."""
@@ -117,6 +142,8 @@ class Evaluator:
     batch_size: int
     max_new_tokens: int
     generate_batch: int
+    classified: LabelledChunks | None = None
+    """``seq-cls``: the global held-out rows the accuracy is taken on."""
 
     @classmethod
     def build(cls, scenario: Scenario, tokenizer: Any, population: Population) -> Evaluator:
@@ -128,10 +155,15 @@ class Evaluator:
             # The same clients in every run and round: the data's fixed seed picks them.
             order = np.random.default_rng(SPLIT_SEED).permutation(len(population.train))
             picked = sorted(int(i) for i in order[: cfg.clients])
+        task, seq_len = scenario.model.task, scenario.client.seq_len
         sets = {
-            i: client_holdout_chunks(tokenizer, population.train[i], data, scenario.client.seq_len)
+            i: client_holdout_chunks(tokenizer, population.train[i], data, seq_len, task)
             for i in picked
         }
+        classified = None
+        if task == "seq-cls":
+            classified = eval_chunks(tokenizer, population, data, seq_len, task)
+            assert isinstance(classified, LabelledChunks)  # every seq-cls set is labelled
         sets = {i: s for i, s in sets.items() if len(s)}
         if cfg.clients and not sets:
             raise DataError(
@@ -146,13 +178,17 @@ class Evaluator:
             batch_size=scenario.run.eval_batch_size,
             max_new_tokens=cfg.max_new_tokens,
             generate_batch=cfg.batch_size,
+            classified=classified,
         )
 
     def scores(self, model: Any) -> dict[str, Any]:
         """The fields this evaluator adds to a ``round`` event, for ``model`` as loaded:
         ``client_perplexity_mean``, ``client_perplexity_worst_decile`` and
-        ``client_perplexity`` (index -> value), and one field per generation metric."""
+        ``client_perplexity`` (index -> value), one field per generation metric, and
+        ``accuracy`` (``seq-cls``)."""
         out: dict[str, Any] = {}
+        if self.classified is not None:
+            out["accuracy"] = accuracy(model, self.classified, self.batch_size)
         if self.client_sets:
             per = {i: perplexity(model, s, self.batch_size) for i, s in self.client_sets.items()}
             values = list(per.values())

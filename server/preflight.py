@@ -37,9 +37,14 @@ def preflight(scenario: Scenario) -> int:
     check_lora_targets(scenario.model, scenario.lora)  # on a weightless (meta) model, in ~1 s
     population = build_population(scenario.data)
     tokenizer = load_tokenizer(scenario.model.name)
+    task, seq_len = scenario.model.task, scenario.client.seq_len
+    if task == "seq-cls":
+        from fedtune.data.tasks import check_num_labels
+
+        check_num_labels(scenario.data, scenario.model.num_labels)
     for client in population.train:
-        client_train_chunks(tokenizer, client, scenario.data, scenario.client.seq_len)
-    eval_chunks(tokenizer, population, scenario.data, scenario.client.seq_len)
+        client_train_chunks(tokenizer, client, scenario.data, seq_len, task)
+    eval_chunks(tokenizer, population, scenario.data, seq_len, task)
     check_evaluation(scenario)
     strategy = build_strategy(
         scenario.strategy.name,

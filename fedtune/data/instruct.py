@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import torch
 
 from fedtune.data.sources import Example
 from fedtune.errors import DataError
+
+T = TypeVar("T")
 
 IGNORE = -100
 """The label of a token that carries no loss (PyTorch's and transformers' convention)."""
@@ -34,15 +36,22 @@ class LabelledChunks:
     input_ids: torch.Tensor
     """``(N, seq_len)`` int64 token ids."""
     labels: torch.Tensor
-    """``(N, seq_len)`` int64: the ids on response tokens, ``-100`` elsewhere."""
+    """int64: ``(N, seq_len)`` the ids on response tokens, ``-100`` elsewhere (causal
+    LM); ``(N,)`` a class per row (``seq-cls``); ``(N, target_len)`` target ids,
+    ``-100`` on padding (``seq2seq``)."""
     attention_mask: torch.Tensor
     """``(N, seq_len)`` int64: 0 on padding."""
+    aligned: bool = True
+    """Labels are the inputs' next tokens, position by position (causal LM); False:
+    a class or a separate target sequence per row (:mod:`fedtune.data.tasks`)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, index: Any) -> LabelledChunks:
-        return LabelledChunks(self.input_ids[index], self.labels[index], self.attention_mask[index])
+        return LabelledChunks(
+            self.input_ids[index], self.labels[index], self.attention_mask[index], self.aligned
+        )
 
 
 Tokens: TypeAlias = torch.Tensor | LabelledChunks
@@ -55,17 +64,23 @@ def batch_parts(batch: Tokens) -> tuple[torch.Tensor, torch.Tensor | None, torch
     if isinstance(batch, torch.Tensor):
         return batch, None, batch
     width = max(int(batch.attention_mask.sum(dim=1).max()), 2)
-    return (
-        batch.input_ids[:, :width],
-        batch.attention_mask[:, :width],
-        batch.labels[:, :width],
-    )
+    labels = batch.labels
+    if batch.aligned:
+        labels = labels[:, :width]
+    elif labels.dim() == 2:  # seq2seq targets: cut at the longest target of the batch
+        used = (labels != IGNORE).any(dim=0).nonzero()
+        # contiguous: T5's loss takes labels.view(-1)
+        labels = labels[:, : int(used.max()) + 1 if len(used) else 1].contiguous()
+    return batch.input_ids[:, :width], batch.attention_mask[:, :width], labels
 
 
 def predicted_tokens(batch: Tokens) -> int:
-    """Tokens of ``batch`` whose next-token loss counts (labels shifted by one)."""
+    """Predictions of ``batch`` its loss averages over: tokens whose next-token loss
+    counts (labels shifted by one), target tokens (seq2seq) or rows (seq-cls)."""
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0] * (batch.shape[1] - 1))
+    if not batch.aligned:
+        return int((batch.labels != IGNORE).sum())
     return int((batch.labels[:, 1:] != IGNORE).sum())
 
 
@@ -143,9 +158,7 @@ def instruction_chunks(
     return LabelledChunks(*(torch.tensor([r[k] for r in rows], dtype=torch.long) for k in range(3)))
 
 
-def split_examples(
-    examples: tuple[Example, ...], fraction: float
-) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+def split_examples(examples: tuple[T, ...], fraction: float) -> tuple[tuple[T, ...], tuple[T, ...]]:
     """(training examples, held-out tail): the tail holds ``fraction`` of them, at least
     one when ``fraction > 0`` and there are two or more."""
     if fraction <= 0 or len(examples) < 2:

@@ -125,8 +125,14 @@ def to_client(name: str, rows: Any, cfg: DataConfig) -> ClientText:
     labels = [str(v) for v in rows[cfg.label_column]] if cfg.label_column else []
     group = Counter(labels).most_common(1)[0][0] if labels else ""
     if not cfg.instruction:
-        texts = [str(t) for t in rows[cfg.text_column] if t is not None]
-        return ClientText(name, "\n".join(texts) + "\n", group)
+        column = rows[cfg.text_column]
+        texts = [str(t) for t in column if t is not None]
+        pairs = tuple(
+            (str(t), label)
+            for t, label in zip(column, labels or [""] * len(column), strict=True)
+            if t is not None and labels
+        )
+        return ClientText(name, "\n".join(texts) + "\n", group, pairs=pairs)
     examples = tuple(to_example(row, cfg, name) for row in rows)
     text = "\n".join(content for example in examples for _, content in example) + "\n"
     return ClientText(name, text, group, examples)

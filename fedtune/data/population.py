@@ -8,8 +8,9 @@ perplexities compare. Clients set aside for evaluation never train.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -22,8 +23,12 @@ from fedtune.data.instruct import (
     split_examples,
 )
 from fedtune.data.partition import SPLIT_SEED, partition_rows
-from fedtune.data.sources import ClientText, Example, load_jsonl, load_shakespeare
+from fedtune.data.sources import ClientText, load_jsonl, load_shakespeare
+from fedtune.data.tasks import task_items, task_rows
 from fedtune.errors import DataError
+from fedtune.tasks import CAUSAL_LM
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,12 +117,16 @@ def chunk_tokens(tokenizer: Any, text: str, seq_len: int) -> torch.Tensor:
 
 
 def client_train_chunks(
-    tokenizer: Any, client: ClientText, cfg: DataConfig, seq_len: int
+    tokenizer: Any, client: ClientText, cfg: DataConfig, seq_len: int, task: str = CAUSAL_LM
 ) -> Tokens:
     """A training client's chunks (its held-out tail excluded); error if it has none.
 
-    Instruction data gives :class:`LabelledChunks` (loss on responses only)."""
+    Instruction data gives :class:`LabelledChunks` (loss on responses only), as do the
+    tasks beyond the causal LM (``model.task``; :mod:`fedtune.data.tasks`)."""
     chunks: Tokens
+    if task != CAUSAL_LM:
+        train_rows, _ = split_examples(task_items(client, task), cfg.local_holdout)
+        return task_rows(tokenizer, train_rows, cfg, seq_len, task, f"client {client.client_id!r}")
     if cfg.instruction:
         train, _ = split_examples(client.examples, cfg.local_holdout)
         chunks = instruction_chunks(tokenizer, train, seq_len, cfg.packing)
@@ -138,19 +147,22 @@ def client_train_chunks(
 
 
 def client_holdout_chunks(
-    tokenizer: Any, client: ClientText, cfg: DataConfig, seq_len: int
+    tokenizer: Any, client: ClientText, cfg: DataConfig, seq_len: int, task: str = CAUSAL_LM
 ) -> Tokens:
     """A training client's own held-out tail (``data.local_holdout``), tokenized as its
     training part is: what per-client evaluation scores. May be empty."""
+    if task != CAUSAL_LM:
+        _, held_rows = split_examples(task_items(client, task), cfg.local_holdout)
+        return task_rows(tokenizer, held_rows, cfg, seq_len, task)
     if cfg.instruction:
         _, held = split_examples(client.examples, cfg.local_holdout)
         return instruction_chunks(tokenizer, held, seq_len, packing=False)
     return chunk_tokens(tokenizer, split_holdout(client.text, cfg.local_holdout)[1], seq_len)
 
 
-def interleaved(per_client: list[tuple[Example, ...]], count: int) -> list[Example]:
+def interleaved(per_client: Sequence[tuple[T, ...]], count: int) -> list[T]:
     """The first ``count`` examples taken round-robin across clients."""
-    picked: list[Example] = []
+    picked: list[T] = []
     for depth in range(max((len(c) for c in per_client), default=0)):
         picked.extend(c[depth] for c in per_client if depth < len(c))
         if len(picked) >= count:
@@ -167,9 +179,15 @@ def generation_examples(
     return [prompt_and_reference(tokenizer, e) for e in examples]
 
 
-def eval_chunks(tokenizer: Any, population: Population, cfg: DataConfig, seq_len: int) -> Tokens:
+def eval_chunks(
+    tokenizer: Any, population: Population, cfg: DataConfig, seq_len: int, task: str = CAUSAL_LM
+) -> Tokens:
     """The global held-out set: chunks interleaved across eval clients, first N kept
-    (instruction data: the first N examples, round-robin, one a row)."""
+    (instruction data, and the tasks beyond the causal LM: the first N examples,
+    round-robin, one a row)."""
+    if task != CAUSAL_LM:
+        items = interleaved([task_items(c, task) for c in population.evaluation], cfg.eval_chunks)
+        return task_rows(tokenizer, items, cfg, seq_len, task, "the evaluation set")
     if cfg.instruction:
         examples = interleaved([c.examples for c in population.evaluation], cfg.eval_chunks)
         labelled = instruction_chunks(tokenizer, examples, seq_len, packing=False)

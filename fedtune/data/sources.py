@@ -37,6 +37,9 @@ class ClientText:
     """A label of the client (for Shakespeare, the play's genre)."""
     examples: tuple[Example, ...] = ()
     """Instruction data: the client's examples (``text`` then joins their turns)."""
+    pairs: tuple[tuple[str, str], ...] = ()
+    """Row data with a ``data.label_column`` and no instruction column: each row's
+    (text, label), what ``model.task = "seq-cls"`` trains on."""
 
 
 def plays_dir() -> Path:

@@ -19,7 +19,7 @@ from fedtune.data.instruct import Tokens, batch_parts
 from fedtune.engines.base import LocalTraining, Update, first_and_last, sample_batches
 from fedtune.engines.loss import causal_lm_loss
 from fedtune.errors import ConfigError
-from fedtune.models.lora import adapter_state
+from fedtune.models.lora import adapter_state, is_adapter, trained
 
 
 class BackpropEngine:
@@ -28,13 +28,12 @@ class BackpropEngine:
     name = "backprop"
 
     def train(self, model: Any, chunks: Tokens, config: LocalTraining) -> Update:
-        marker = "lora_" if config.train_only == "all" else f"lora_{config.train_only}"
-        lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
-        params = [p for n, p in lora if marker in n]
+        lora = [(n, p) for n, p in model.named_parameters() if is_adapter(n)]
+        params = [p for n, p in lora if trained(n, config.train_only)]
         if not params:
             raise ConfigError(f"no LoRA weight of the model matches lora-train={config.train_only}")
         for n, p in lora:
-            p.requires_grad_(marker in n)
+            p.requires_grad_(trained(n, config.train_only))
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         anchors = [p.detach().clone() for p in params] if config.proximal_mu > 0 else []
         batches = sample_batches(len(chunks), config.batch_size, config.local_steps, config.seed)

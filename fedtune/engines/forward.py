@@ -50,7 +50,7 @@ from fedtune.engines.base import (
 )
 from fedtune.engines.seeds import combine, perturbation, pick_directions, seed_pool
 from fedtune.errors import ConfigError
-from fedtune.models.lora import adapter_state, state_name
+from fedtune.models.lora import adapter_state, is_adapter, state_name, trained
 
 Tensors = dict[str, torch.Tensor]
 
@@ -61,9 +61,10 @@ class ForwardEngine:
     name = "forward"
 
     def train(self, model: Any, chunks: Tokens, config: ForwardSettings) -> Update:
-        marker = "lora_" if config.train_only == "all" else f"lora_{config.train_only}"
-        lora = [p for n, p in model.named_parameters() if "lora_" in n]
-        params = {n: p for n, p in sorted(model.named_parameters()) if marker in n}
+        lora = [p for n, p in model.named_parameters() if is_adapter(n)]
+        params = {
+            n: p for n, p in sorted(model.named_parameters()) if trained(n, config.train_only)
+        }
         if not params:
             raise ConfigError(f"no LoRA weight of the model matches lora-train={config.train_only}")
         for p in lora:
@@ -85,7 +86,7 @@ class ForwardEngine:
             loss, estimate, slopes, variance = estimate_gradient(
                 model, point, chunks[index], directions, config
             )
-            if config.forward_derivative == "jvp" and marker != "lora_A" and not any(slopes):
+            if config.forward_derivative == "jvp" and config.train_only != "A" and not any(slopes):
                 # With B in the tangent a slope is never exactly 0, unless the tangent was
                 # dropped on the way (a layer without forward-mode AD that check missed).
                 raise ConfigError(
@@ -123,8 +124,9 @@ class ForwardEngine:
         batch each; no step is taken. :attr:`Update.seed_steps` holds ``(pool index,
         derivative)`` per direction (the server pools them); :attr:`Update.state` is the
         adapter unchanged."""
-        marker = "lora_" if config.train_only == "all" else f"lora_{config.train_only}"
-        params = {n: p for n, p in sorted(model.named_parameters()) if marker in n}
+        params = {
+            n: p for n, p in sorted(model.named_parameters()) if trained(n, config.train_only)
+        }
         if not params:
             raise ConfigError(f"no LoRA weight of the model matches lora-train={config.train_only}")
         for p in model.parameters():

@@ -1,4 +1,5 @@
-"""The causal-LM loss without the whole vocabulary's logits at once.
+"""The causal-LM loss without the whole vocabulary's logits at once (other tasks take
+the model's own loss, :func:`causal_lm_loss`).
 
 For 4x128 tokens and a 49,152-word vocabulary the logits are 100 MB in fp32, and a
 backward pass keeps them (or their log-softmax) plus their gradient: on a small model
@@ -25,9 +26,13 @@ def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """The decoder stack and the LM head of a (PEFT-wrapped) causal LM, or None when
     its logits are not a plain linear map of the last hidden state (soft-capping,
     scaling), where only the model's own loss is right."""
+    from fedtune.models.tasks import CAUSAL_LM, task_of
+
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(causal, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    if task_of(causal) != CAUSAL_LM:  # an encoder's classifier, a seq2seq decoder
         return None
     get_decoder = getattr(causal, "get_decoder", None)
     head = causal.get_output_embeddings() if hasattr(causal, "get_output_embeddings") else None
@@ -85,8 +90,10 @@ def causal_lm_loss(
     chunks: int = LOSS_CHUNKS,
     recompute: bool = True,
 ) -> torch.Tensor:
-    """The model's causal-LM loss through :func:`chunked_loss` (its own loss when the
-    head is not a plain linear map)."""
+    """The model's training loss: a causal LM's through :func:`chunked_loss`; the
+    model's own loss when its head is not a plain linear map, and for the other tasks
+    (``model.task``: a classifier's cross-entropy over classes, a seq2seq model's over
+    its target tokens), whose logits are small or need the encoder's output."""
     parts = decoder_and_head(model)
     if parts is None or chunks <= 1:
         return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss

@@ -46,9 +46,9 @@ def seed_pool(run_seed: int, k: int) -> list[int]:
 
 
 def trained_keys(state: AdapterState, train_only: str = "all") -> list[str]:
-    """The sorted adapter keys a step changes: every LoRA factor, or only ``A`` or ``B``."""
-    marker = "lora_" if train_only == "all" else f"lora_{train_only}"
-    return sorted(k for k in state if marker in k)
+    """The sorted adapter keys a step changes: all of them (every LoRA factor and a task
+    head), or only LoRA ``A`` or ``B``."""
+    return sorted(k for k in state if train_only == "all" or f"lora_{train_only}" in k)
 
 
 def perturbation(seed: int, specs: Sequence[Spec]) -> dict[str, torch.Tensor]:

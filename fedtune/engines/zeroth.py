@@ -34,7 +34,7 @@ from fedtune.engines.seeds import (
     trained_keys,
 )
 from fedtune.errors import ConfigError
-from fedtune.models.lora import AdapterState, adapter_state, state_name
+from fedtune.models.lora import AdapterState, adapter_state, is_adapter, state_name
 
 
 class ZerothEngine:
@@ -96,7 +96,7 @@ class ZerothEngine:
 
 def lora_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
     """The model's LoRA parameters under their adapter-state names (no adapter name)."""
-    return {state_name(model, n): p for n, p in model.named_parameters() if "lora_" in n}
+    return {state_name(model, n): p for n, p in model.named_parameters() if is_adapter(n)}
 
 
 def _loss_at(

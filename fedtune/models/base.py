@@ -218,8 +218,11 @@ def load_base_model(
     num_layers: int = 0,
     quantization: str = "none",
     trust_remote_code: bool = False,
+    task: str = "causal-lm",
+    num_labels: int = 0,
 ) -> Any:
-    """Load a causal LM, frozen, in eval mode, with eager attention (ONNX-exportable).
+    """Load a model for ``task`` (:mod:`fedtune.models.tasks`; a causal LM by default),
+    frozen, in eval mode, with eager attention (ONNX-exportable).
 
     ``quantization`` (``none``, ``int8``, ``nf4``, ``int4``) quantizes the decoder's
     Linear layers, one layer at a time while a safetensors folder is read (the
@@ -252,7 +255,13 @@ def load_base_model(
         if model is None:
             # Refuses remote code unless allowed, and weights the folder lacks.
             model = load_pretrained(
-                folder, trust_remote_code, dtype=dtype, attn_implementation="eager", **extra
+                folder,
+                trust_remote_code,
+                task,
+                num_labels,
+                dtype=dtype,
+                attn_implementation="eager",
+                **extra,
             )
             quantize_base(model, quantization, dtype)
     model.requires_grad_(False)

@@ -43,8 +43,20 @@ def load_run(run_dir: Path) -> tuple[Any, Any]:
     m = scenario.model
     # Exports start from the full-precision base: a quantized run's adapter is merged
     # into the fp32 weights the quantized ones approximate.
-    base = load_base_model(m.name, "fp32", m.num_layers, "none", m.trust_remote_code)
+    base = load_base_model(
+        m.name, "fp32", m.num_layers, "none", m.trust_remote_code, m.task, m.num_labels
+    )
     return scenario, PeftModel.from_pretrained(base, adapter).eval()
+
+
+EXPORTS_OF_TASK = {
+    "causal-lm": FORMATS,
+    "seq-cls": ("peft", "merged", "onnx"),
+    "seq2seq": ("peft", "merged"),
+}
+"""``model.task`` -> the formats it exports to: a GGUF LoRA adapter applies to a GGUF
+causal LM only, and the ONNX graph is ``(input_ids, attention_mask) -> logits``, which
+a seq2seq model's decoder cannot be."""
 
 
 def export_run(run_dir: Path, fmt: str, out: Path | None = None) -> Path:
@@ -56,6 +68,12 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FedtuneError(f"{out} is not empty: choose another --out")
     scenario, model = load_run(run_dir)
+    task = scenario.model.task
+    if fmt not in EXPORTS_OF_TASK[task]:
+        raise FedtuneError(
+            f"--format {fmt} cannot hold a model.task = {task!r} run: use one of "
+            f"{', '.join(EXPORTS_OF_TASK[task])}"
+        )
     with atomic_directory(out) as tmp:
         if fmt == "peft":
             shutil.copytree(run_dir / "adapter", tmp, dirs_exist_ok=True)

@@ -37,18 +37,34 @@ def check_remote_code(folder: Path, allowed: bool) -> bool:
     return needs
 
 
-def load_pretrained(folder: Path, trust_remote_code: bool = False, **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained(folder)``, refusing newly initialized weights."""
-    import transformers
+def load_pretrained(
+    folder: Path,
+    trust_remote_code: bool = False,
+    task: str = "causal-lm",
+    num_labels: int = 0,
+    **kwargs: Any,
+) -> Any:
+    """``from_pretrained(folder)`` with ``task``'s auto class, refusing newly initialized
+    weights; a classification head (which no encoder checkpoint holds) is initialized
+    from a fixed seed instead (:func:`fedtune.models.tasks.init_head`)."""
+    from fedtune.models.tasks import auto_class, head_keys, init_head, load_kwargs
 
     remote = check_remote_code(folder, trust_remote_code)
     try:
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, output_loading_info=True, trust_remote_code=remote, **kwargs
+        model, info = auto_class(task).from_pretrained(
+            folder,
+            output_loading_info=True,
+            trust_remote_code=remote,
+            **load_kwargs(task, num_labels),
+            **kwargs,
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model from {folder}: {exc}") from exc
     missing = sorted(info.get("missing_keys") or [])
+    if task == "seq-cls":
+        head = head_keys(model, missing)
+        init_head(model, head)
+        missing = [k for k in missing if k not in head]
     if missing:
         raise ModelError(
             f"{folder} lacks {len(missing)} weight(s) of {type(model).__name__} (e.g. "
@@ -164,6 +180,8 @@ TINY_EXTRA: dict[str, dict[str, Any]] = {
     "StableLmConfig": dict(partial_rotary_factor=0.5),
     "PhiConfig": dict(partial_rotary_factor=0.5),
     "MinistralConfig": dict(head_dim=16),
+    # Real T5 checkpoints name the decoder's start token (the pad id) in config.json.
+    "T5Config": dict(d_ff=128, d_kv=16, decoder_start_token_id=0),
 }
 
 

@@ -35,6 +35,7 @@ def attach_lora(base: Any, lora: LoraConfig, seed: int, rank: int = 0) -> Any:
     from peft import get_peft_model
 
     from fedtune.models.targets import resolve_targets
+    from fedtune.models.tasks import PEFT_TASK_TYPES, task_of
 
     targets = resolve_targets(base, tuple(lora.targets))  # empty: the architecture's defaults
     r = rank or lora.r
@@ -43,7 +44,8 @@ def attach_lora(base: Any, lora: LoraConfig, seed: int, rank: int = 0) -> Any:
         lora_alpha=lora.alpha * r / lora.r,
         lora_dropout=lora.dropout,
         target_modules=list(targets),
-        task_type="CAUSAL_LM",
+        # SEQ_CLS also trains (and saves) the classification head: PEFT's modules_to_save.
+        task_type=PEFT_TASK_TYPES[task_of(base)],
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -62,9 +64,29 @@ def adapter_state(model: Any) -> AdapterState:
 
 
 def state_name(model: Any, parameter: str) -> str:
-    """A LoRA parameter's name in :func:`adapter_state` (PEFT's name without the
-    adapter's): the names seed perturbations are laid out by."""
-    return parameter.replace(f".{model.active_adapter}.", ".")
+    """A trained parameter's name in :func:`adapter_state` (PEFT's name without the
+    adapter's, and a task head's without ``modules_to_save``): the names seed
+    perturbations are laid out by."""
+    return parameter.replace(f".{model.active_adapter}.", ".").replace(".modules_to_save.", ".")
+
+
+HEAD_MARKER = "modules_to_save"
+"""In a parameter's name: a PEFT-trained copy of a whole module (a classification head)."""
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter (or adapter-state key) travels with the adapter: a LoRA factor,
+    or a task head PEFT trains whole (``seq-cls``)."""
+    return "lora_" in name or HEAD_MARKER in name
+
+
+def trained(name: str, train_only: str = "all") -> bool:
+    """Whether an engine trains parameter ``name`` under ``train_only``: every LoRA factor
+    and a task head (``all``), or only LoRA ``A`` or ``B`` (a task head then stays as
+    sent, as the other factor does)."""
+    if train_only == "all":
+        return is_adapter(name)
+    return f"lora_{train_only}" in name
 
 
 def load_adapter_state(model: Any, state: AdapterState) -> None:

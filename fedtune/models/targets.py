@@ -128,6 +128,7 @@ def meta_model(model_cfg: Any) -> Any:
 
     from fedtune.models.base import TINY, model_dir
     from fedtune.models.families import check_remote_code
+    from fedtune.models.tasks import auto_class, load_kwargs
 
     if model_cfg.name in TINY:
         spec = TINY[model_cfg.name]
@@ -137,11 +138,13 @@ def meta_model(model_cfg: Any) -> Any:
         folder = model_dir(model_cfg.name)
         assert folder is not None  # only tiny models have none, handled above
         remote = check_remote_code(folder, model_cfg.trust_remote_code)
-        config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=remote)
+        config = transformers.AutoConfig.from_pretrained(
+            folder, trust_remote_code=remote, **load_kwargs(model_cfg.task, model_cfg.num_labels)
+        )
     if model_cfg.num_layers:
         config.num_hidden_layers = model_cfg.num_layers
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+        return auto_class(model_cfg.task).from_config(config, trust_remote_code=remote)
 
 
 def check_lora_targets(model_cfg: Any, lora_cfg: Any) -> tuple[str, ...]:

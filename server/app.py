@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from flwr.app import Context
@@ -43,12 +44,14 @@ def make_server_app(
     expected_nodes: int | None = None,
     resume: Checkpoint | None = None,
     stop: threading.Event | None = None,
+    known_nodes: Mapping[int, int] | None = None,
 ) -> ServerApp:
     """A ServerApp running ``scenario`` (or the one named in the run config).
 
     Once ``stop`` is set, the run ends at its next grid call, keeping its last
     checkpoint, and the ServerApp returns without a summary (``fedtune simulate``'s
-    Ctrl-C: the caller, which set ``stop``, reports it).
+    Ctrl-C: the caller, which set ``stop``, reports it). ``known_nodes``: node -> client
+    index of the simulation engine's virtual nodes, which discovery need not ask.
     """
     app = ServerApp()
 
@@ -61,7 +64,13 @@ def make_server_app(
                 with hosted_gateway(scenario, grid, out) as nodes:
                     nodes = StoppableGrid(nodes, stop) if stop is not None else nodes
                     run_federation(
-                        nodes, scenario, out, observer, expected_nodes=expected_nodes, resume=resume
+                        nodes,
+                        scenario,
+                        out,
+                        observer,
+                        expected_nodes=expected_nodes,
+                        resume=resume,
+                        known_nodes=known_nodes,
                     )
             except RunInterrupted:
                 # Return normally: Flower waits 3 s more for a ServerApp that raised.

@@ -93,7 +93,13 @@ def simulate_in_process(
         with prepare_run_dir(Path(run_dir), resume=resume is not None), task_identity():
             grid = InProcessGrid({1000 + i: i for i in range(nodes)})
             return run_federation(
-                grid, scenario, Path(run_dir), observer, expected_nodes=nodes, resume=resume
+                grid,
+                scenario,
+                Path(run_dir),
+                observer,
+                expected_nodes=nodes,
+                resume=resume,
+                known_nodes=grid.clients,  # this process made them: nothing to ask
             )
     finally:
         if observer is not None:
@@ -133,11 +139,17 @@ def _run(
     }
     observer = _observer(scenario) if progress else None
     stop = threading.Event()
-    server_app = make_server_app(
-        scenario, run_dir, observer, expected_nodes=num_nodes, resume=resume, stop=stop
-    )
     try:
-        with stop_on_sigint(stop):
+        with stop_on_sigint(stop), engine_partitions() as known:
+            server_app = make_server_app(
+                scenario,
+                run_dir,
+                observer,
+                expected_nodes=num_nodes,
+                resume=resume,
+                stop=stop,
+                known_nodes=known,
+            )
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -155,6 +167,39 @@ def _run(
         raise FedtuneError(f"the simulation ended without finishing the run in {run_dir}")
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     return summary
+
+
+@contextlib.contextmanager
+def engine_partitions() -> Iterator[dict[int, int] | None]:
+    """While inside, the node id -> partition-id map of the virtual nodes Flower's
+    simulation engine registers (filled once it has), for the ServerApp's discovery:
+    asking every virtual node which client it is costs ~20 ms a node (each query is a
+    message through Ray, and the in-memory SuperLink scans every stored message on
+    each poll), which made a 10,000-client population's run take minutes before its
+    first round. The engine keeps the map to itself (``vce_api._register_nodes`` returns
+    it), so it is read where it is made; None where that function is not found (a
+    Flower other than 1.41's layout): discovery then asks the nodes."""
+    try:
+        from flwr.server.superlink.fleet.vce import vce_api
+    except ImportError:
+        yield None
+        return
+    original = getattr(vce_api, "_register_nodes", None)
+    if original is None:
+        yield None
+        return
+    found: dict[int, int] = {}
+
+    def register(*args: Any, **kwargs: Any) -> Any:
+        mapping = original(*args, **kwargs)
+        found.update(mapping)
+        return mapping
+
+    vce_api._register_nodes = register
+    try:
+        yield found
+    finally:
+        vce_api._register_nodes = original
 
 
 @contextlib.contextmanager

@@ -83,6 +83,8 @@ class Device:
     name: str
     bucket: TokenBucket
     capabilities: pb.Capabilities = field(default_factory=pb.Capabilities)
+    last_seen: float = field(default_factory=time.monotonic)
+    """When it last called (enrolled or authenticated), on the monotonic clock."""
 
 
 class Devices:
@@ -208,6 +210,7 @@ class Devices:
                 "(authorization: Bearer <device_id>:<credential>)",
             )
         with self._lock:
+            device.last_seen = time.monotonic()
             wait = device.bucket.take()
         if wait:
             raise GatewayAbort(

@@ -32,7 +32,7 @@ class Gateway:
         self.artifacts = artifacts
         self._files = {f.sha256: f for f in artifacts.files.values()} if artifacts else {}
         self.registry = Devices(settings)
-        self.tasks = Tasks(artifacts)
+        self.tasks = Tasks(artifacts, fresh_s=2 * self.config.check_in_s + 5)
         self.server: Any = None
         """The gRPC server while serving (:meth:`start`)."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,8 +65,13 @@ class Task:
 class Tasks:
     """Every phone's tasks and the replies the loop has not pulled yet; thread-safe."""
 
-    def __init__(self, artifacts: ArtifactSet | None) -> None:
+    def __init__(self, artifacts: ArtifactSet | None, fresh_s: float = 10.0) -> None:
         self.artifacts = artifacts
+        self.fresh_s = fresh_s
+        """A phone heard from within this many seconds is alive: the gateway answers a
+        discovery query for it at once; otherwise at its next check-in."""
+        self._queries: dict[str, list[tuple[str, Message]]] = {}
+        """Device id -> discovery queries waiting for its next check-in."""
         self._graph = {t.key: t.graph_name for t in artifacts.adapter} if artifacts else {}
         self._lock = threading.Lock()
         self.by_id: dict[str, Task] = {}
@@ -90,8 +96,12 @@ class Tasks:
             self._replies[message_id] = None
             is_query = message.metadata.message_type == MessageType.QUERY
             if is_query and INFO_KEY in message.content.config_records:  # discovery
-                info = ConfigRecord({CLIENT_INDEX_KEY: device.client_index})
-                self._replies[message_id] = Message(RecordDict({INFO_KEY: info}), reply_to=message)
+                # A phone not heard from lately (one the loop benched, say) must show
+                # it is alive: the answer waits for its next check-in.
+                if time.monotonic() - device.last_seen <= self.fresh_s:
+                    self._replies[message_id] = _described(device, message)
+                else:
+                    self._queries.setdefault(device.device_id, []).append((message_id, message))
                 return message_id
         try:
             task = self._make_task(message, message_id, device)
@@ -220,8 +230,12 @@ class Tasks:
 
     # -- the phone's side -------------------------------------------------------------
     def check_in(self, device: Device) -> pb.Task | None:
-        """The device's open task, if any."""
+        """The device's open task, if any; discovery queries that waited for it are
+        answered."""
         with self._lock:
+            for message_id, query in self._queries.pop(device.device_id, []):
+                if message_id in self._replies:
+                    self._replies[message_id] = _described(device, query)
             for task in self.by_id.values():
                 if task.device_id == device.device_id and task.open:
                     return task.proto
@@ -359,3 +373,9 @@ class Tasks:
         with self._lock:
             if task.message_id in self._replies:  # nobody pulls replies to forgotten messages
                 self._replies[task.message_id] = reply
+
+
+def _described(device: Device, query: Message) -> Message:
+    """The gateway's answer to a discovery query for ``device``: which client it is."""
+    info = ConfigRecord({CLIENT_INDEX_KEY: device.client_index})
+    return Message(RecordDict({INFO_KEY: info}), reply_to=query)

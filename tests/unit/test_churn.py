@@ -118,3 +118,37 @@ def test_node_keys_are_checked():
         load_scenario("tiny", ["round.max_missed=-1"])
     with pytest.raises(ConfigError, match="round.join_wait_s"):
         load_scenario("tiny", ["round.join_wait_s=-2"])
+
+
+@pytest.fixture
+def identity():
+    with task_identity():
+        yield
+
+
+def test_a_phone_not_heard_from_answers_discovery_only_when_it_checks_in(identity):
+    """The gateway answers discovery for its phones; for a silent phone (one the loop
+    benched) the answer waits for its next check-in, so a dead phone stays benched."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fedtune.protocol import CLIENT_INDEX_KEY, INFO_KEY
+    from fedtune.server.gateway.auth import Device, TokenBucket
+    from fedtune.server.gateway.tasks import Tasks
+
+    tasks = Tasks(None, fresh_s=10.0)
+    phone = Device("d1", b"", node_id=7, client_index=3, name="p", bucket=TokenBucket(1, 1))
+
+    def query() -> str:
+        message = Message(
+            RecordDict({INFO_KEY: ConfigRecord({})}), dst_node_id=7, message_type=MessageType.QUERY
+        )
+        return tasks.push(message, phone)
+
+    fresh = query()  # it has just enrolled: answered at once
+    assert tasks.pull([fresh])[0][1].content[INFO_KEY][CLIENT_INDEX_KEY] == 3
+    phone.last_seen -= 60.0  # silent for a minute
+    silent = query()
+    assert tasks.pull([silent]) == []
+    assert tasks.check_in(phone) is None  # it checks in: alive, no task
+    ((key, reply),) = tasks.pull([silent])
+    assert key == silent and reply.content[INFO_KEY][CLIENT_INDEX_KEY] == 3

@@ -411,12 +411,21 @@ class TrainReport:
         )
 
 
+MODEL_LOADS_KEY = "process-model-loads"
+"""Reply metric (warm ClientApps, ``fedtune.clients.warm``): models the process that
+trained has loaded so far."""
+WARM_WORKER_KEY = "warm-worker"
+"""Reply metric: 1 when a SuperNode's warm worker trained (also the node config key
+that turns the worker off)."""
+
 REPORT_EVENT_FIELDS = {
     "loss": "loss",
     WEIGHT_KEY: "num_examples",
     "compute-seconds": "compute_seconds",
     "cpu-seconds": "cpu_seconds",
     "peak-rss-mb": "peak_rss_mb",
+    MODEL_LOADS_KEY: "model_loads",
+    WARM_WORKER_KEY: "warm_worker",
 }
 """Reply metric -> the ``client_update`` event field that records it."""
 
@@ -429,5 +438,10 @@ def reported(reply: Message, key: str, default: Any = None) -> Any:
 
 
 def report_fields(reply: Message) -> dict[str, Any]:
-    """A reply's reported metrics as ``client_update`` event fields (None if missing)."""
-    return {name: reported(reply, key) for key, name in REPORT_EVENT_FIELDS.items()}
+    """A reply's reported metrics as ``client_update`` event fields (None if missing;
+    the warm worker's two only when reported)."""
+    fields = {name: reported(reply, key) for key, name in REPORT_EVENT_FIELDS.items()}
+    for key in (MODEL_LOADS_KEY, WARM_WORKER_KEY):
+        if fields[REPORT_EVENT_FIELDS[key]] is None:
+            del fields[REPORT_EVENT_FIELDS[key]]
+    return fields

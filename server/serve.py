@@ -3,8 +3,9 @@
 The deployment path is Flower's own: the run is submitted with ``flwr run`` to the
 SuperLink's Control API; the SuperLink starts fedtune's ServerApp, and every
 SuperNode (``flower-supernode --node-config "partition-id=N"``) runs fedtune's
-ClientApp. fedtune writes what ``flwr run`` needs into the run folder — a minimal
-Flower app (a pyproject naming fedtune's components, which must be installed where
+warm ClientApp (:mod:`fedtune.clients.warm`: a worker per node keeps the model
+loaded). fedtune writes what ``flwr run`` needs into the run folder — a minimal Flower
+app (a pyproject naming fedtune's components, which must be installed where
 the SuperLink and SuperNodes run) and a ``FLWR_HOME`` with one connection — and
 streams the run's logs until it ends.
 
@@ -47,7 +48,7 @@ publisher = "fedtune"
 
 [tool.flwr.app.components]
 serverapp = "fedtune.server.app:app"
-clientapp = "fedtune.clients.app:app"
+clientapp = "fedtune.clients.warm:app"
 
 [tool.flwr.app.config]
 scenario = "quickstart"

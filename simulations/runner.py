@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -195,11 +195,45 @@ def engine_partitions() -> Iterator[dict[int, int] | None]:
         found.update(mapping)
         return mapping
 
+    sweep = vce_api.add_messages_to_queue
     vce_api._register_nodes = register
+    vce_api.add_messages_to_queue = _sweep_waiting_nodes(sweep)
     try:
         yield found
     finally:
         vce_api._register_nodes = original
+        vce_api.add_messages_to_queue = sweep
+
+
+def _sweep_waiting_nodes(flowers: Callable[..., None]) -> Callable[..., None]:
+    """Flower 1.41's simulation engine hands messages to its workers by asking the link
+    state, every 0.1 s, for each registered node in turn whether a message waits for
+    it — and each ask scans every stored message. With 10,000 virtual nodes and a
+    round's 10 messages stored while clients train, that kept a driver thread busy on
+    one of two cores (a 10,000-client population's first round took 424 s against 105 s
+    for 100 clients). This sweep asks only the nodes a message waits for, in the same
+    (registration) order, one message per node per sweep, as Flower's does. Where the
+    link state is not Flower's in-memory one, Flower's own sweep runs."""
+
+    def sweep(
+        state: Any, queue: Any, nodes_mapping: dict[int, int], f_stop: threading.Event
+    ) -> None:
+        if not hasattr(state, "message_ins_store") or not hasattr(state, "lock"):
+            flowers(state, queue, nodes_mapping, f_stop)
+            return
+        while not f_stop.is_set():
+            with state.lock:
+                waiting = {
+                    m.metadata.dst_node_id
+                    for m in state.message_ins_store.values()
+                    if m.metadata.delivered_at == ""
+                }
+            for node_id in sorted(waiting & nodes_mapping.keys(), key=nodes_mapping.__getitem__):
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+            f_stop.wait(0.1)
+
+    return sweep
 
 
 @contextlib.contextmanager

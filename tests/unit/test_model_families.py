@@ -32,6 +32,7 @@ from fedtune.wire import from_record, to_record
 
 from ..conftest import ROOT
 from .node_grid import NodeListGrid, task_identity
+from .test_task_types import save_tiny_as, seq2seq_overrides, seq_cls_overrides, write_rows
 
 DOC = ROOT / "docs" / "models.md"
 
@@ -164,13 +165,18 @@ def node_context(partition: int) -> Context:
     )
 
 
-def one_federated_round(folder: Path, trust_remote_code: bool = False) -> tuple[str, ...]:
-    """FedAvg's round 1 on two in-process clients; the adapter's targets. Fails loudly."""
+def one_federated_round(
+    folder: Path, trust_remote_code: bool = False, task: list[str] | None = None
+) -> tuple[str, ...]:
+    """FedAvg's round 1 on two in-process clients; the adapter's targets. Fails loudly.
+
+    ``task``: the overrides of a task beyond the causal LM (its model and row data)."""
     overrides = [
         f'model.name="{folder}"',
         f"model.trust_remote_code={str(trust_remote_code).lower()}",
         "lora.targets=[]",
         "client.local_steps=1",
+        *(task or []),
     ]
     scenario = load_scenario("tiny", overrides)
     targets = check_lora_targets(scenario.model, scenario.lora)
@@ -204,8 +210,7 @@ def render(rows: list[tuple[str, str, str, str, str]]) -> str:
 
 
 def test_every_family_with_a_transformers_class_federates(tmp_path):
-    import transformers
-
+    labelled = write_rows(tmp_path / "rows.jsonl")  # seq-cls and seq2seq rows
     outcome: dict[str, tuple[str, str]] = {}  # config class -> (loads, federates)
     failures = []
     rows = []
@@ -215,28 +220,22 @@ def test_every_family_with_a_transformers_class_federates(tmp_path):
             rows.append((family.name, "—", family.task, "no", f"no — {family.note}"))
             continue
         if cls not in outcome:
+            loads, task, head = "yes", None, ""
             if family.task == CAUSAL:
                 folder = save_tiny(cls, tmp_path / cls)
-                try:
-                    targets = one_federated_round(folder)
-                    outcome[cls] = ("yes", "yes: " + ", ".join(f"`{t}`" for t in targets))
-                except Exception as exc:  # the table records it; the assert below fails
-                    failures.append(f"{family.name}: {type(exc).__name__}: {exc}")
-                    outcome[cls] = ("?", f"FAILED: {type(exc).__name__}")
-            else:
-                auto = (
-                    transformers.AutoModelForSeq2SeqLM
-                    if family.task == SEQ2SEQ
-                    else transformers.AutoModelForSequenceClassification
-                )
-                model = auto.from_config(tiny_config(cls, 1000))
-                targets = default_targets_for(model.config.model_type)
-                outcome[cls] = (
-                    f"yes ({type(model).__name__})",
-                    "not yet: fedtune's loop trains causal LMs (default targets "
-                    + ", ".join(f"`{t}`" for t in targets)
-                    + ")",
-                )
+            elif family.task == SEQ2SEQ:  # a T5 checkpoint, loaded for seq2seq
+                folder = save_tiny_as(cls, "AutoModelForSeq2SeqLM", tmp_path / cls)
+                task, loads = seq2seq_overrides(folder, labelled), "yes (`model.task = seq2seq`)"
+            else:  # an encoder checkpoint without a head, as the Hub's BERTs come
+                folder = save_tiny_as(cls, "AutoModel", tmp_path / cls)
+                task, loads = seq_cls_overrides(folder, labelled), "yes (`model.task = seq-cls`)"
+                head = " and the classification head"
+            try:
+                targets = one_federated_round(folder, task=task)
+                outcome[cls] = (loads, "yes: " + ", ".join(f"`{t}`" for t in targets) + head)
+            except Exception as exc:  # the table records it; the assert below fails
+                failures.append(f"{family.name}: {type(exc).__name__}: {exc}")
+                outcome[cls] = ("?", f"FAILED: {type(exc).__name__}")
         loads, federates = outcome[cls]
         name = family.name + (f" ({family.note})" if family.note else "")
         rows.append((name, cls.removesuffix("Config"), family.task, loads, federates))

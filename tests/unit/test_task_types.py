@@ -297,7 +297,7 @@ def test_task_names_match_the_models_tiny_names():
 
 
 @pytest.mark.heavy
-def test_exports_a_task_cannot_hold_are_refused(encoder, rows, tmp_path):
+def test_a_classifier_exports_merged_and_onnx_but_not_gguf(encoder, rows, tmp_path):
     from fedtune.models.export import export_run
 
     run = tmp_path / "run"
@@ -309,7 +309,19 @@ def test_exports_a_task_cannot_hold_are_refused(encoder, rows, tmp_path):
     with pytest.raises(FedtuneError, match="--format gguf cannot hold a model.task = 'seq-cls'"):
         export_run(run, "gguf")
     merged = export_run(run, "merged")
+    import onnxruntime
     import transformers
+
+    from fedtune.models.export import load_run
 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(merged)
     assert model.config.num_labels == 2
+    # The ONNX graph gives the trained classifier's logits over the two classes.
+    session = onnxruntime.InferenceSession(str(export_run(run, "onnx") / "model.onnx"))
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        reference = load_run(run)[1](input_ids=ids, attention_mask=mask).logits.numpy()
+    logits = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert logits.shape == (2, 2)
+    assert abs(logits - reference).max() < 1e-4

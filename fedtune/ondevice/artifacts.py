@@ -159,11 +159,13 @@ def build_artifacts(
     weight_decay: float = 0.0,
     cache: Path | None = None,
     int8: str = "none",
+    trust_remote_code: bool = False,
 ) -> ArtifactSet:
     """Build (or find in the cache) the artifact set of a model and LoRA configuration.
 
     ``int8`` is one of :data:`INT8_MODES` (see the module docstring); with ``"dynamic"``
-    the set holds no training artifacts."""
+    the set holds no training artifacts. ``trust_remote_code`` is the run's
+    ``model.trust_remote_code``: a folder with its own model code loads only with it."""
     from fedtune.models.base import _convert_once, cache_dir
 
     if int8 not in INT8_MODES:
@@ -172,7 +174,7 @@ def build_artifacts(
     folder = root / cache_key(model_name, num_layers, lora, weight_decay, int8)
 
     def write(tmp: Path) -> None:
-        _export_all(model_name, num_layers, lora, weight_decay, tmp, int8)
+        _export_all(model_name, num_layers, lora, weight_decay, tmp, int8, trust_remote_code)
 
     _convert_once(folder, write)
     return load_artifacts(folder)
@@ -192,7 +194,13 @@ def load_artifacts(folder: Path) -> ArtifactSet:
 
 
 def _export_all(
-    model_name: str, num_layers: int, lora: LoraConfig, weight_decay: float, out: Path, int8: str
+    model_name: str,
+    num_layers: int,
+    lora: LoraConfig,
+    weight_decay: float,
+    out: Path,
+    int8: str,
+    trust_remote_code: bool = False,
 ) -> None:
     import time
 
@@ -202,7 +210,7 @@ def _export_all(
     from fedtune.models import attach_lora, load_base_model, load_tokenizer
 
     onnxruntime.set_default_logger_severity(3)  # the artifact build logs every graph pass
-    base = load_base_model(model_name, "fp32", num_layers, "none")
+    base = load_base_model(model_name, "fp32", num_layers, "none", trust_remote_code)
     model = attach_lora(base, lora, seed=0)
     model.eval()
     graph_names = lora_graph_names(model)

@@ -268,6 +268,7 @@ def hosted_gateway(scenario: Scenario, grid: Any, run_dir: Path) -> Iterator[Any
         scenario.lora,
         scenario.client.weight_decay,
         int8=cfg.artifact_int8,
+        trust_remote_code=scenario.model.trust_remote_code,
     )
     gateway = Gateway(settings_for(scenario, population), artifacts)
     port = gateway.start()

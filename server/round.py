@@ -328,6 +328,8 @@ def judge(
     received for its task (artifacts included), not the size of the Flower records.
     """
     judged = _judge(fed, rnd, assignment, reply, adapter, wait)
+    if assignment.node in fed.grid.arrival:  # sending to reply, as the server saw it
+        judged.event["reply_seconds"] = fed.grid.arrival[assignment.node]
     measured = fed.grid.measured_transfer(assignment.node)
     if measured is not None:
         judged.event["bytes_down"], judged.event["bytes_up"] = measured

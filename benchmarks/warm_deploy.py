@@ -1,0 +1,172 @@
+"""Warm ClientApps on real SuperNodes against Flower's per-message ClientApp process.
+
+One SuperLink and 3 SuperNodes on loopback, `fedtune serve SCENARIO` for 5 rounds with
+every node sampled every round — once with the warm worker (`fedtune.clients.warm`, the
+default) and once with `warm-worker=false` on every node (a new ClientApp process per
+message, as Flower runs it: torch imported and the model loaded every round). Reports
+per round the clients' reply time (server's send to reply, mean of the 3) and the round's
+wall time, the ratio per-message / warm, and the model loads per node.
+
+    .venv/bin/python benchmarks/warm_deploy.py [SCENARIO] [--rounds 5] [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+NODES = 3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    out = open(log, "ab")  # noqa: SIM115 - the child keeps it
+    return subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+
+
+def run(mode: str, scenario: str, rounds: int, extra: list[str], folder: Path) -> dict[str, Any]:
+    folder.mkdir(parents=True)
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_HOME": str(folder / "flwr-home"),
+        "FEDTUNE_WORKER_DIR": str(folder / "workers"),
+    }
+    procs = [
+        start(
+            [str(BIN / "flower-superlink"), "--insecure", "--port", str(port)],
+            folder / "superlink.log",
+            env,
+        )
+    ]
+    warm = "true" if mode == "warm" else "false"
+    for p in range(NODES):
+        procs.append(
+            start(
+                [
+                    str(BIN / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--node-config",
+                    f"partition-id={p} warm-worker={warm}",
+                    "--port",
+                    str(free_port()),
+                ],
+                folder / f"node{p}.log",
+                env,
+            )
+        )
+    run_dir = folder / "run"
+    overrides = [
+        f"run.rounds={rounds}",
+        f"round.clients_per_round={NODES}",
+        f"round.min_reports={NODES}",
+        "round.deadline_s=900",
+        *extra,
+    ]
+    cmd = [sys.executable, "-m", "fedtune.cli", "serve", scenario, "--out", str(run_dir)]
+    cmd += ["--superlink", f"127.0.0.1:{port}", "--nodes", str(NODES)]
+    cmd += [a for kv in overrides for a in ("--set", kv)]
+    started = time.perf_counter()
+    try:
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(f"{mode}: {' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    updates = [e for e in events if e["event"] == "client_update"]
+    rounds_ev = [e for e in events if e["event"] == "round" and e["round"] > 0]
+    loads: dict[int, int] = defaultdict(int)
+    for client in sorted({u["client"] for u in updates}):
+        mine = [u for u in updates if u["client"] == client and u["status"] == "ok"]
+        in_worker = [u["model_loads"] for u in mine if u.get("warm_worker") == 1]
+        # Per-message processes load once each; a worker's count is cumulative.
+        loads[client] = sum(u["model_loads"] for u in mine if u.get("warm_worker") != 1) + max(
+            in_worker, default=0
+        )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {
+        "mode": mode,
+        "wall": wall,
+        "reply": [
+            statistics.mean(u["reply_seconds"] for u in updates if u["round"] == r["round"])
+            for r in rounds_ev
+        ],
+        "compute": [
+            statistics.mean(u["compute_seconds"] for u in updates if u["round"] == r["round"])
+            for r in rounds_ev
+        ],
+        "round_wall": [r["wall_seconds"] for r in rounds_ev],
+        "participants": [r["participants"] for r in rounds_ev],
+        "loads": dict(loads),
+        "fallbacks": sum(1 for u in updates if u.get("warm_worker") == 0 and mode == "warm"),
+        "perplexity": summary["final_perplexity"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scenario", nargs="?", default="quickstart")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--set", action="append", default=[])
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="fedtune-warm-"))
+    warm = run("warm", args.scenario, args.rounds, args.set, folder / "warm")
+    cold = run("per-message", args.scenario, args.rounds, args.set, folder / "cold")
+    print(f"Machine: {platform.machine()}, {platform.python_version()}, {time.strftime('%F')}")
+    print(
+        "| round | reply s, per-message | reply s, warm | ratio | round wall, per-message "
+        "| round wall, warm | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for i, (c, w) in enumerate(zip(cold["reply"], warm["reply"], strict=True)):
+        cw, ww = cold["round_wall"][i], warm["round_wall"][i]
+        print(
+            f"| {i + 1} | {c:.1f} | {w:.1f} | {c / w:.2f}x | {cw:.1f} | {ww:.1f} | {cw / ww:.2f}x |"
+        )
+    c, w = statistics.mean(cold["reply"]), statistics.mean(warm["reply"])
+    c2, w2 = statistics.mean(cold["reply"][1:]), statistics.mean(warm["reply"][1:])
+    print(f"| mean | {c:.1f} | {w:.1f} | {c / w:.2f}x | | | |")
+    print(f"| mean, rounds 2+ | {c2:.1f} | {w2:.1f} | {c2 / w2:.2f}x | | | |")
+    for r in (cold, warm):
+        print(
+            f"{r['mode']}: whole command {r['wall']:.1f} s, model loads per client {r['loads']}, "
+            f"mean compute {statistics.mean(r['compute']):.1f} s, final perplexity "
+            f"{r['perplexity']:.3f}, participants {r['participants']}"
+            + (f", fallbacks {r['fallbacks']}" if r["mode"] == "warm" else "")
+        )
+    print(json.dumps([warm, cold]))
+
+
+if __name__ == "__main__":
+    main()

@@ -61,6 +61,12 @@ def run(mode: str, scenario: str, rounds: int, extra: list[str], folder: Path) -
             env,
         )
     ]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the SuperLink listens before anything connects
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
     warm = "true" if mode == "warm" else "false"
     for p in range(NODES):
         procs.append(
@@ -87,9 +93,12 @@ def run(mode: str, scenario: str, rounds: int, extra: list[str], folder: Path) -
         "round.deadline_s=900",
         *extra,
     ]
-    cmd = [sys.executable, "-m", "fedtune.cli", "serve", scenario, "--out", str(run_dir)]
-    cmd += ["--superlink", f"127.0.0.1:{port}", "--nodes", str(NODES)]
-    cmd += [a for kv in overrides for a in ("--set", kv)]
+    if mode == "flowertune":
+        cmd = flowertune_run(scenario, overrides, run_dir, f"127.0.0.1:{port}", folder, env)
+    else:
+        cmd = [sys.executable, "-m", "fedtune.cli", "serve", scenario, "--out", str(run_dir)]
+        cmd += ["--superlink", f"127.0.0.1:{port}", "--nodes", str(NODES)]
+        cmd += [a for kv in overrides for a in ("--set", kv)]
     started = time.perf_counter()
     try:
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -111,9 +120,10 @@ def run(mode: str, scenario: str, rounds: int, extra: list[str], folder: Path) -
         mine = [u for u in updates if u["client"] == client and u["status"] == "ok"]
         in_worker = [u["model_loads"] for u in mine if u.get("warm_worker") == 1]
         # Per-message processes load once each; a worker's count is cumulative.
-        loads[client] = sum(u["model_loads"] for u in mine if u.get("warm_worker") != 1) + max(
-            in_worker, default=0
-        )
+        # The FlowerTune-style client reports none: it loads once per message.
+        loads[client] = sum(
+            u.get("model_loads", 1) for u in mine if u.get("warm_worker") != 1
+        ) + max(in_worker, default=0)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "mode": mode,
@@ -134,15 +144,50 @@ def run(mode: str, scenario: str, rounds: int, extra: list[str], folder: Path) -
     }
 
 
+def flowertune_run(
+    scenario: str,
+    overrides: list[str],
+    run_dir: Path,
+    superlink: str,
+    folder: Path,
+    env: dict[str, str],
+) -> list[str]:
+    """The ``flwr run`` command of an app whose ServerApp is fedtune's and whose ClientApp
+    is the FlowerTune-style one (``benchmarks/flowertune_app.py``, shipped in the app:
+    a new ClientApp process per message, as Flower runs any ClientApp)."""
+    import shutil
+
+    from fedtune.server.serve import APP_PYPROJECT, _flwr, write_flower_files
+
+    app_dir, home = write_flower_files(folder / "flowertune-app", superlink, None)
+    (app_dir / "pyproject.toml").write_text(
+        APP_PYPROJECT.replace("fedtune.clients.warm:app", "flowertune_app:app")
+    )
+    shutil.copy(Path(__file__).with_name("flowertune_app.py"), app_dir / "flowertune_app.py")
+    env["FLWR_HOME"] = str(home)
+    config = (
+        f'scenario="{scenario}" overrides="{" ".join(overrides)}" out="{run_dir}" nodes={NODES}'
+    )
+    return [_flwr(), "run", str(app_dir), "fedtune", "--run-config", config, "--stream"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scenario", nargs="?", default="quickstart")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--flowertune", action="store_true", help="also the FlowerTune-style app")
+    parser.add_argument("--only", choices=["flowertune"], help="check one mode, no table")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="fedtune-warm-"))
+    if args.only:
+        print(json.dumps(run(args.only, args.scenario, args.rounds, args.set, folder / args.only)))
+        return
     warm = run("warm", args.scenario, args.rounds, args.set, folder / "warm")
     cold = run("per-message", args.scenario, args.rounds, args.set, folder / "cold")
+    tune = None
+    if args.flowertune:
+        tune = run("flowertune", args.scenario, args.rounds, args.set, folder / "flowertune")
     print(f"Machine: {platform.machine()}, {platform.python_version()}, {time.strftime('%F')}")
     print(
         "| round | reply s, per-message | reply s, warm | ratio | round wall, per-message "
@@ -158,14 +203,22 @@ def main() -> None:
     c2, w2 = statistics.mean(cold["reply"][1:]), statistics.mean(warm["reply"][1:])
     print(f"| mean | {c:.1f} | {w:.1f} | {c / w:.2f}x | | | |")
     print(f"| mean, rounds 2+ | {c2:.1f} | {w2:.1f} | {c2 / w2:.2f}x | | | |")
-    for r in (cold, warm):
+    if tune is not None:
+        t, w = statistics.mean(tune["reply"]), statistics.mean(warm["reply"])
+        t2 = statistics.mean(tune["reply"][1:])
+        print(
+            f"FlowerTune-style per message: mean reply {t:.1f} s (rounds 2+: {t2:.1f} s); "
+            f"ratio to warm fedtune {t / w:.2f}x (rounds 2+: {t2 / w2:.2f}x); round walls "
+            f"{', '.join(f'{x:.1f}' for x in tune['round_wall'])}"
+        )
+    for r in (cold, warm, *([tune] if tune else [])):
         print(
             f"{r['mode']}: whole command {r['wall']:.1f} s, model loads per client {r['loads']}, "
             f"mean compute {statistics.mean(r['compute']):.1f} s, final perplexity "
             f"{r['perplexity']:.3f}, participants {r['participants']}"
             + (f", fallbacks {r['fallbacks']}" if r["mode"] == "warm" else "")
         )
-    print(json.dumps([warm, cold]))
+    print(json.dumps([warm, cold, tune]))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ MB = 1e6
 DEFAULTS = {
     "arena": True,
     "memory_pattern": True,
+    "memory_reuse": True,
     "optimize_training": True,
     "mmap_threshold": 0,
 }
@@ -47,6 +48,10 @@ VARIANTS = [
     ("training, fp32, ORT defaults", "none", "backprop", DEFAULTS),
     ("training, fp32, phone session", "none", "backprop", PHONE),
     ("training, int8 weights, phone session", "int4", "backprop", PHONE),
+    ("  lever off: memory reuse on", "int4", "backprop", {"memory_reuse": True}),
+    ("  lever off: no per-layer recomputation", "int4", "backprop", {"graph": "no-layers"}),
+    ("  lever off: backward not gated on the loss", "int4", "backprop", {"graph": "ungated"}),
+    ("  lever off: forward's dequantized weights kept", "int4", "backprop", {"graph": "weights"}),
     ("  lever off: arena on", "int4", "backprop", {"arena": True}),
     ("  lever off: memory pattern on", "int4", "backprop", {"memory_pattern": True}),
     ("  lever off: graph optimizations on", "int4", "backprop", {"optimize_training": True}),
@@ -60,6 +65,57 @@ VARIANTS = [
     ("  lever off: glibc's default mmap threshold", "int4", "zeroth", {"mmap_threshold": 0}),
     ("inference, int8 dynamic, phone session", "dynamic", "zeroth", PHONE),
 ]
+# Training-graph levers: a row whose settings name a "graph" runs the built training
+# model with that rewrite of fedtune.ondevice.artifacts.recompute_in_backward undone.
+
+
+def training_graph_variant(source: Path, kind: str, out: Path) -> Path:
+    """``source`` (a built training model) with one lever undone, saved as ``out``:
+    ``no-layers`` recomputes only dequantizations and loss slices, ``ungated`` lets the
+    backward start before the forward loss, ``weights`` makes the backward read the
+    forward's dequantized weights (issue 14's format 3 did, by mistake)."""
+    import onnx
+
+    from fedtune.ondevice.artifacts import recompute_in_backward
+
+    graph = onnx.load(str(source))
+    nodes = list(graph.graph.node)
+    gate = "loss_grad_after_loss"
+    if kind == "no-layers":  # back to generate_artifacts' graph, then the rewrite without layers
+        clones = {o for n in nodes if n.name.endswith("_recompute") for o in n.output}
+        nodes = [n for n in nodes if not n.name.endswith("_recompute")]
+        nodes = [n for n in nodes if not n.name.startswith(gate)]
+        rename = {o: o.removesuffix("_recompute") for o in clones} | {gate: "loss_grad"}
+    elif kind == "ungated":
+        nodes = [n for n in nodes if not n.name.startswith(gate)]
+        rename = {gate: "loss_grad"}
+    elif kind == "weights":
+        inputs = {i.name for i in graph.graph.input}
+        again = [
+            n
+            for n in nodes
+            if n.op_type == "DequantizeLinear"
+            and n.name.endswith("_recompute")
+            and n.input[0] in inputs
+        ]
+        rename = {n.output[0]: n.output[0].removesuffix("_recompute") for n in again}
+        nodes = [n for n in nodes if not any(n is a for a in again)]
+    else:
+        raise ValueError(kind)
+    for node in nodes:
+        for k, name in enumerate(node.input):
+            node.input[k] = rename.get(name, name)
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
+    if kind == "no-layers":
+        kept = [t for t in graph.graph.initializer if not t.name.endswith("_recompute")]
+        del graph.graph.initializer[:]
+        graph.graph.initializer.extend(kept)
+        recompute_in_backward(graph, layers=False)
+    onnx.save(graph, str(out))
+    return out
+
+
 FILES = {
     "backprop": ("training_model", "eval_model", "optimizer_model", "checkpoint"),
     "zeroth": ("inference_model",),
@@ -237,8 +293,15 @@ def main() -> None:
         rows = []
         for label, int8, engine, settings in variants:
             b = built[int8]
+            paths = dict(b["paths"])
+            if "graph" in settings:  # made here: the device process imports no onnx
+                kind = settings["graph"]
+                settings = {k: v for k, v in settings.items() if k != "graph"}
+                source = Path(paths["training_model"])
+                out = source.with_name(f"training_model.{kind}.onnx")
+                paths["training_model"] = str(training_graph_variant(source, kind, out))
             spec = {
-                "paths": b["paths"],
+                "paths": paths,
                 "adapter": b["adapter"],
                 "data": str(data),
                 "engine": engine,

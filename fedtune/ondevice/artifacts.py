@@ -62,10 +62,13 @@ smaller logits but more packed copies of a 4-bit head (~17 MB each for SmolLM2's
 ``MatMulNBits``), and of an fp32 one 113 MB each, so the fp32 graph keeps one."""
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 5
 """Bumped whenever the build changes what it writes (part of the cache key).
 2: chunked loss in both graphs, recomputation in the training graph, ``int4``.
-3: ``int4``'s inference graph keeps the LM head in int8 (vocabulary chunks)."""
+3: ``int4``'s inference graph keeps the LM head in int8 (vocabulary chunks).
+5: the int8 training graph too (head in vocabulary blocks), its backward
+re-dequantizes the decoder's weights (graph inputs there) and starts after the
+forward loss."""
 INT8_MODES = ("none", "weights", "dynamic", "int4")
 """Values of ``int8`` (``gateway.artifact_int8``): how the frozen weights are stored."""
 NO_TRAINING_GRADIENT = (
@@ -360,6 +363,7 @@ def _export_training(
     if missing:
         raise RuntimeError(f"LoRA weights lost in the ONNX export: {missing[:3]}")
     if int8:
+        quantize_head_int8(exported)  # before the rest: it reads the fp32 head
         quantize_frozen_weights(exported)
         quantize_embedding_rows(exported)
         initializers = {i.name for i in exported.graph.initializer}
@@ -612,8 +616,11 @@ def quantize_head_int8(graph: Any, vocab_chunks: int = 8) -> list[str]:
     (symmetric, as :func:`quantize_frozen_weights`), cut into ``vocab_chunks`` column
     blocks; each such ``MatMul`` becomes, per block, ``DequantizeLinear`` + ``MatMul``,
     and a ``Concat`` of the blocks' logits. Only one block of the head is fp32 at a
-    time (14 MB of SmolLM2's 113 MB). 4 bits are too coarse here: SmolLM2's GGUF keeps
-    its tied embedding in 8 bits (Q8_0), and a 4-bit head cost +0.06 in loss where the
+    time (14 MB of SmolLM2's 113 MB), and no transposed copy of the head exists. A
+    ``Transpose`` of a ``[N, K]`` initializer counts as the constant (the training
+    export); the weight itself stays for its other readers (a tied embedding). 4 bits
+    are too coarse here: SmolLM2's GGUF keeps its tied embedding in 8 bits (Q8_0), and a
+    4-bit head cost +0.06 in loss where the
     4-bit decoder cost nothing (it reproduces the GGUF's Q4_1 blocks). ONNX Runtime
     1.19 has no 8-bit ``MatMulNBits``. Returns the heads' names.
     """
@@ -631,14 +638,28 @@ def quantize_head_int8(graph: Any, vocab_chunks: int = 8) -> list[str]:
         for t in graph.graph.initializer
         if t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and "lora_" not in t.name
     }
+    # The training export's head is ``Transpose(W)`` of the ``[N, K]`` weight (the
+    # tied embedding for SmolLM2), the inference export's a folded ``[K, N]`` constant.
+    transposed = {
+        n.output[0]: n.input[0]
+        for n in graph.graph.node
+        if n.op_type == "Transpose"
+        and n.input[0] in inits
+        and all(list(a.ints) == [1, 0] for a in n.attribute if a.name == "perm")
+    }
     heads = {
         n.input[1]
         for n in graph.graph.node
-        if n.op_type == "MatMul" and n.output[0] in feeds_loss and n.input[1] in inits
+        if n.op_type == "MatMul"
+        and n.output[0] in feeds_loss
+        and (n.input[1] in inits or n.input[1] in transposed)
     }
     chunks: dict[str, list[tuple[str, str, str]]] = {}
     for head in sorted(heads):
-        weight = numpy_helper.to_array(inits[head])
+        if head in transposed:
+            weight = numpy_helper.to_array(inits[transposed[head]]).T
+        else:
+            weight = numpy_helper.to_array(inits[head])
         q, scale = _int8_rows(weight.T)
         n = weight.shape[1]
         bounds = [n * c // vocab_chunks for c in range(vocab_chunks + 1)]
@@ -720,6 +741,11 @@ RANDOM_OPS = frozenset(
     }
 )
 """Forward operators a recomputation would not reproduce."""
+DATA_INPUTS = frozenset({"input_ids", "attention_mask", "labels"})
+"""The training graph's inputs that are not parameters."""
+LOGITS_OPS = ("Cast", "MatMul", "Concat", "ConcatTraining")
+"""Between a loss slice and its hidden states: the head's ``MatMul`` (per vocabulary
+block, ``Concat``ed, with an int8 head) and a ``Cast``; recomputed with the loss."""
 
 
 def recompute_in_backward(graph: Any, layers: bool = True) -> int:
@@ -740,9 +766,12 @@ def recompute_in_backward(graph: Any, layers: bool = True) -> int:
       checkpointing; costs one more forward).
 
     Their backward consumers get a clone of the producing nodes (named ``*_recompute``),
-    so the forward copies die right after their forward use. Dequantizing clones read
-    a renamed copy of the (small) scale, so ONNX Runtime's common-subexpression pass
-    cannot merge them back. Returns the number of cloned nodes.
+    so the forward copies die right after their forward use. In the training model the
+    weights are graph inputs (the checkpoint feeds them), so nothing but the session's
+    own common-subexpression pass could merge a clone back into its forward twin: the
+    device sessions run the training graph unoptimized (``SessionSettings``). Where a
+    scale is an initializer, the clone reads a renamed copy of it. Returns the number
+    of cloned nodes.
     """
     import re
 
@@ -751,7 +780,12 @@ def recompute_in_backward(graph: Any, layers: bool = True) -> int:
     nodes = list(graph.graph.node)
     producer = {out: node for node in nodes for out in node.output}
     inits = {t.name: t for t in graph.graph.initializer}
-    constant: set[str] = set(inits)  # tensors computed from initializers alone
+    # Tensors computed from the weights alone. ``generate_artifacts`` makes every
+    # parameter (the int8 weights and their scales too) a graph *input* fed from the
+    # checkpoint: those count, the data inputs do not.
+    constant: set[str] = set(inits) | {
+        i.name for i in graph.graph.input if i.name not in DATA_INPUTS
+    }
 
     backward_ids: set[int] = set()
     gradients: set[str] = set()
@@ -811,7 +845,7 @@ def recompute_in_backward(graph: Any, layers: bool = True) -> int:
         node = producer.get(name)
         if node is None:
             return name
-        ok = recomputable(node) or (through_loss and node.op_type in ("Cast", "MatMul"))
+        ok = recomputable(node) or (through_loss and node.op_type in LOGITS_OPS)
         if not ok:
             return name
         if name in clones:
@@ -819,10 +853,10 @@ def recompute_in_backward(graph: Any, layers: bool = True) -> int:
         copy = graph.graph.node.add()  # detached below; used as a builder
         copy.CopyFrom(node)
         graph.graph.node.pop()
-        loss_path = node.op_type in ("SoftmaxCrossEntropyLoss", "Cast")
+        loss_path = node.op_type in ("SoftmaxCrossEntropyLoss", *LOGITS_OPS)
         inputs = []
         for i in node.input:
-            if node.op_type == "DequantizeLinear" and i == node.input[1]:
+            if node.op_type == "DequantizeLinear" and i == node.input[1] and i in inits:
                 fresh = f"{i}_recompute"
                 if fresh not in inits:
                     inits[fresh] = numpy_helper.from_array(numpy_helper.to_array(inits[i]), fresh)
@@ -853,4 +887,40 @@ def recompute_in_backward(graph: Any, layers: bool = True) -> int:
         ordered.append(node)
     del graph.graph.node[:]
     graph.graph.node.extend(ordered)
+    _backward_after_loss(graph)
     return sum(len(v) for v in added.values())
+
+
+def _backward_after_loss(graph: Any) -> None:
+    """Make the backward pass start after the forward loss (in place).
+
+    The backward is seeded by the constant ``loss_grad``, so nothing in it waits for
+    the forward's loss nodes, and ONNX Runtime's default order ran them last: every
+    loss slice's forward logits then lived through the whole backward (all of them
+    at once, the full vocabulary's logits). The seed is multiplied by
+    ``Cast(Size(loss))`` (exactly 1, a scalar's size): a data dependency that costs
+    nothing."""
+    from onnx import TensorProto, helper
+
+    seed = "loss_grad"
+    if not any(seed in n.input for n in graph.graph.node):
+        return
+    loss = graph.graph.output[0].name
+    gated = f"{seed}_after_loss"
+    for node in graph.graph.node:
+        for k, name in enumerate(node.input):
+            if name == seed:
+                node.input[k] = gated
+    graph.graph.node.extend(
+        [
+            helper.make_node("Size", [loss], [f"{gated}_size"], name=f"{gated}/Size"),
+            helper.make_node(
+                "Cast",
+                [f"{gated}_size"],
+                [f"{gated}_one"],
+                name=f"{gated}/Cast",
+                to=TensorProto.FLOAT,
+            ),
+            helper.make_node("Mul", [seed, f"{gated}_one"], [gated], name=f"{gated}/Mul"),
+        ]
+    )

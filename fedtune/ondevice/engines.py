@@ -56,6 +56,13 @@ class SessionSettings:
     """CPU memory arena: it keeps the step's peak allocation reserved for the session."""
     memory_pattern: bool = False
     """Pre-planned activation blocks: one allocation the size of all of a step's tensors."""
+    memory_reuse: bool = False
+    """Training session only: ONNX Runtime's planner lets a tensor take over the buffer of
+    an earlier, dead tensor of the same size, and the buffer then stays allocated from
+    the first tensor's birth to the last one's death. In a training graph a forward
+    buffer handed on to a backward tensor holds its memory through the whole step:
+    every activation's buffer was held until the backward (SmolLM2-135M, int8
+    artifacts: 1,689 MiB with reuse, 625 without)."""
     optimize_training: bool = False
     """Graph optimizations in the training session: constant folding would turn the int8
     weights back into fp32 initializers and common-subexpression elimination would merge
@@ -81,6 +88,8 @@ class SessionSettings:
                 pass
         options.enable_cpu_mem_arena = self.arena
         options.enable_mem_pattern = self.memory_pattern
+        if training:
+            options.enable_mem_reuse = self.memory_reuse
         if training and not self.optimize_training:
             level = onnxruntime().GraphOptimizationLevel.ORT_DISABLE_ALL
             options.graph_optimization_level = level

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -82,11 +83,23 @@ def test_the_training_graph_recomputes_logits_and_weights_for_backward():
     for grad in grads:
         assert producer[grad.input[1]].name.endswith("_recompute"), grad.name
     backward = [n for n in graph.node if "_Grad/" in n.name]
-    for node in backward:
+    # Neither the backward nor its recomputation reads a weight the forward
+    # dequantized (the weights are graph inputs of the training model).
+    for node in backward + [n for n in graph.node if n.name.endswith("_recompute")]:
         for name in node.input:
             source = producer.get(name)
             if source is not None and source.op_type == "DequantizeLinear":
                 assert source.name.endswith("_recompute"), (node.name, name)
+    # The backward starts after the forward loss: the gradient it starts from depends
+    # on the loss output (else ONNX Runtime runs the loss slices last).
+    seeded = [n for n in backward if n.name.startswith("/Div") and "_Grad/" in n.name]
+    ancestors, todo = set(), [i for n in seeded for i in n.input]
+    while todo:
+        name = todo.pop()
+        if name not in ancestors:
+            ancestors.add(name)
+            todo += list(producer[name].input) if name in producer else []
+    assert seeded and graph.output[0].name in ancestors
     # The embedding is read as int8 rows: no Gather reads a dequantized table.
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in dequantized]
@@ -145,3 +158,81 @@ def test_the_int4_inference_graph_keeps_weights_4bit_and_the_loss():
         feed.update({t.graph_name: np.zeros(t.shape, np.float32) for t in artifacts.adapter})
         losses.append(float(session.run(["loss"], feed)[0]))
     assert losses[1] == pytest.approx(losses[0], abs=0.05)
+
+
+def live_tensors_at_peak(profile: Path, graph: onnx.GraphProto) -> tuple[int, dict[str, int]]:
+    """Bytes of node outputs alive at the step's peak, from ONNX Runtime's profile (each
+    executed node's output shapes, in the executed order): a tensor lives from its node
+    until its last reader (graph outputs: to the end). Returns the peak and its tensors."""
+    import json
+    import math
+
+    itemsize = {"float": 4, "int64": 8, "int32": 4, "int8": 1, "uint8": 1, "bool": 1}
+    nodes = {n.name: n for n in graph.node}
+    events = sorted(
+        (e for e in json.loads(profile.read_text()) if e.get("cat") == "Node"),
+        key=lambda e: e["ts"],
+    )
+    executed = []
+    for event in events:
+        node = nodes.get(event["name"].removesuffix("_kernel_time"))
+        if node is not None and event["name"].endswith("_kernel_time"):
+            shapes = event["args"]["output_type_shape"]
+            sizes = [
+                math.prod(next(iter(s.values()))) * itemsize.get(next(iter(s)), 4) for s in shapes
+            ]
+            executed.append((node, sizes))
+    last: dict[str, int] = {}
+    for t, (node, _) in enumerate(executed):
+        for name in node.input:
+            last[name] = t
+    outputs = {o.name for o in graph.output}
+    alive: dict[str, int] = {}
+    peak, at_peak = 0, {}
+    for t, (node, sizes) in enumerate(executed):
+        alive.update((o, s) for o, s in zip(node.output, sizes, strict=False) if o)
+        if sum(alive.values()) > peak:
+            peak, at_peak = sum(alive.values()), dict(alive)
+        for name in (*node.input, *node.output):
+            if name not in outputs and last.get(name, t) <= t:
+                alive.pop(name, None)
+    return peak, at_peak
+
+
+def test_a_training_steps_tensors_never_hold_the_vocabularys_logits(tmp_path):
+    """The int8 training graph on the tiny model, one step with ONNX Runtime's profile:
+    at the step's peak the live tensors are fewer bytes than the full logits, and of
+    what has the vocabulary's size only one token slice's (logits, their log-softmax,
+    its gradient) and one block of the head are there - the full logits and the fp32
+    head never exist, and the forward's dequantized weights are not kept."""
+    from fedtune.ondevice.engines import PHONE, onnxruntime
+
+    artifacts = build_artifacts("tiny-llama", 0, LORA, int8="int4")
+    graph = onnx.load(str(artifacts.file("training_model").path)).graph
+    capi = onnxruntime().capi._pybind_state
+    state = capi.load_checkpoint(str(artifacts.file("checkpoint").path))
+    options = PHONE.apply(capi.SessionOptions(), training=True)
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "step")
+    device = capi.OrtDevice(capi.OrtDevice.cpu(), capi.OrtDevice.default_memory(), 0)
+    paths = [str(artifacts.file(name).path) for name in ("training_model", "eval_model")]
+    module = capi.Module(paths[0], state, paths[1], device, options)
+    ids = batch(2000, (4, 64)).numpy()
+    module.train_step([ids, np.ones_like(ids), ids], capi.OrtValueVector())
+    del module  # writes the profile
+    (profile,) = [p for p in tmp_path.glob("step*.json") if p.stat().st_size > 10_000]
+    peak, at_peak = live_tensors_at_peak(profile, graph)
+
+    blocks = [n for n in graph.node if n.op_type == "DequantizeLinear" and "_int8_" in n.input[0]]
+    assert blocks  # the head is dequantized in vocabulary blocks
+    embedding = next(t for t in graph.input if t.name.endswith("embed_tokens.weight_int8"))
+    vocab, hidden = (d.dim_value for d in embedding.type.tensor_type.shape.dim)
+    tokens = ids.shape[0] * (ids.shape[1] - 1)
+    logits = tokens * vocab * 4
+    assert peak < logits, (peak, logits, sorted(at_peak.items(), key=lambda x: -x[1])[:8])
+    # Everything alive at the peak that is as large as a tenth of the logits: at most
+    # three slices' worth (logits, log-softmax, gradient) and the fp32 head's block.
+    large = {n: s for n, s in at_peak.items() if s >= logits // 10}
+    assert sum(large.values()) <= 3 * logits // LOSS_CHUNKS + 2 * hidden * vocab * 4 // 8, large
+    # No full-precision weight of the decoder outlives its use.
+    assert not [n for n in at_peak if n.endswith(".weight") and "lora_" not in n]

@@ -192,8 +192,10 @@ def test_int8_frozen_weights_shrink_the_artifacts_and_leave_lora_fp32(artifacts,
 
     weights, dynamic = int8_artifacts["weights"], int8_artifacts["dynamic"]
     assert weights.adapter == artifacts.adapter == dynamic.adapter  # same names for phones
-    for name in ("checkpoint", "inference_model"):
-        assert weights.file(name).size < 0.3 * artifacts.file(name).size, name
+    assert weights.file("inference_model").size < 0.3 * artifacts.file("inference_model").size
+    # The training checkpoint holds the tied table twice in int8 (the embedding's rows
+    # and the head's vocabulary blocks): on this model, mostly vocabulary, about half.
+    assert weights.file("checkpoint").size < 0.6 * artifacts.file("checkpoint").size
     assert dynamic.file("inference_model").size < 0.3 * artifacts.file("inference_model").size
     # The trainable tensors are the same fp32 LoRA weights; the frozen ones are int8.
     capi = onnxruntime().capi._pybind_state

@@ -28,9 +28,14 @@ demo: setup
 # (0.17 s -> 1.7 s; 0.7 s passive); passive waiting costs 10-30 % of that step when a
 # process has the cores to itself (0.16 s -> 0.18-0.22 s).
 TEST_ENV := OMP_WAIT_POLICY=PASSIVE
+# The whole suite runs on two pytest-xdist workers, whole files to a worker (module-scoped
+# fixtures run once); one OpenMP thread per process so the two workers share the 2 cores
+# instead of each spinning up both. Every test takes free ports and the model cache is
+# built under a file lock, so tests of different files do not collide.
+PARALLEL := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 test: setup lint
-	$(TEST_ENV) $(BIN)/python -m pytest -q -ra
+	$(TEST_ENV) $(PARALLEL) -q -ra --durations=25
 
 test-fast: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -q -ra -m "not slow and not integration and not heavy"

@@ -27,7 +27,7 @@ def last_round(run_dir) -> int:
     return max((e["round"] for e in read_events(path, "round")), default=-1)
 
 
-def wait_for_round(run_dir, rnd: int, proc, timeout: float = 240) -> None:
+def wait_for_round(run_dir, rnd: int, proc, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while last_round(run_dir) < rnd:
         assert proc.poll() is None, f"fedtune serve ended early (exit {proc.returncode})"
@@ -131,9 +131,11 @@ SERVE_ARGS = [
     "--set",
     "round.min_reports=3",
     "--set",
-    "run.rounds=3",
+    "run.rounds=2",
     "--set",
-    "client.local_steps=4",
+    "client.local_steps=2",
+    "--set",
+    "round.deadline_s=600",
 ]
 
 
@@ -161,7 +163,7 @@ def test_superlink_killed_mid_run_then_serve_resume_is_byte_identical(tmp_path):
         federation.stop()
 
     # The same run; the whole server side (SuperLink and the ServerApp it started) is
-    # SIGKILLed during round 2, then a new SuperLink comes up and the run is resumed.
+    # SIGKILLed during round 2 (the last), then a new SuperLink comes up and the run is resumed.
     crashed = tmp_path / "crashed"
     federation = Federation(tmp_path / "fed-1", partitions=[0, 1, 2])
     serve = subprocess.Popen(
@@ -197,4 +199,4 @@ def test_superlink_killed_mid_run_then_serve_resume_is_byte_identical(tmp_path):
     ref = (reference / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (crashed / "adapter" / "adapter_model.safetensors").read_bytes() == ref
     rounds = [e["round"] for e in read_events(crashed / "metrics.jsonl", "round")]
-    assert rounds == [0, 1, 2, 3]
+    assert rounds == [0, 1, 2]

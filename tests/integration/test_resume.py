@@ -15,7 +15,11 @@ from fedtune.metrics import read_events
 
 from ..conftest import ROOT, run_cli, simulate_here
 
-ARGS = ["--set", "run.rounds=5", "--set", "client.local_steps=6", "--no-progress"]
+# A round's deadline is real time: on a loaded machine the resumed run's first round
+# (Ray's workers starting, torch imported) can outlast tiny's 120 s and be abandoned,
+# which is the round policy working, not what these tests check.
+SETS = ["--set", "run.rounds=3", "--set", "client.local_steps=2", "--set", "round.deadline_s=900"]
+ARGS = [*SETS, "--no-progress"]
 
 
 def rounds_done(run_dir) -> int:
@@ -25,12 +29,13 @@ def rounds_done(run_dir) -> int:
     return max((e["round"] for e in read_events(path, "round")), default=-1)
 
 
-def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
-    """Killed during round 3, its event log torn mid-line as a kill during an append
+def test_sigkill_in_round_2_then_resume_is_byte_identical(tmp_path):
+    """Killed during round 2 of 3, its event log torn mid-line as a kill during an append
     leaves it: the resume drops the torn line and ends byte-identical."""
+    # The uninterrupted reference runs without Ray: the same seeds give the same bytes
+    # (tests/integration/test_simulate.py), and the kill and the resume are on Ray.
     reference = tmp_path / "reference"
-    result = run_cli("simulate", "tiny", "--out", str(reference), *ARGS)
-    assert result.returncode == 0, result.stderr[-3000:]
+    simulate_here("tiny", reference, *SETS)
 
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen(
@@ -42,7 +47,7 @@ def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
     )
     try:
         deadline = time.monotonic() + 300
-        while rounds_done(crashed) < 2:  # round 2 is written: round 3 is under way
+        while rounds_done(crashed) < 1:  # round 1 is written: round 2 is under way
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.05)
@@ -50,7 +55,7 @@ def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray processes
         proc.wait()
     assert not (crashed / "summary.json").exists()
-    assert rounds_done(crashed) < 5
+    assert rounds_done(crashed) < 3
     torn = b'{"bytes_down": 1024, "client": 3, "event": "client_update", "rou'
     with open(crashed / "metrics.jsonl", "ab") as log:
         log.write(torn)
@@ -70,7 +75,7 @@ def test_sigkill_in_round_3_then_resume_is_byte_identical(tmp_path):
     assert got_rounds == ref_rounds  # one event per round, no duplicates, same values
     assert torn not in (crashed / "metrics.jsonl").read_bytes()
     summary = json.loads((crashed / "summary.json").read_text())
-    assert summary["rounds_completed"] == 5
+    assert summary["rounds_completed"] == 3
     assert summary["bytes_up"] == json.loads((reference / "summary.json").read_text())["bytes_up"]
 
 
@@ -103,12 +108,8 @@ def test_resume_of_a_finished_run_is_refused(tmp_path):
 @pytest.mark.parametrize("damage", ["flip"])
 def test_resume_skips_a_damaged_checkpoint(tmp_path, damage):
     run = tmp_path / "run"
-    assert (
-        run_cli(
-            "simulate", "tiny", "--out", str(run), "--set", "run.rounds=2", "--no-progress"
-        ).returncode
-        == 0
-    )
+    # In this process; the resume below runs on Ray.
+    simulate_here("tiny", run, "--set", "run.rounds=2", "--set", "round.deadline_s=900")
     reference = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     (run / "summary.json").unlink()
     newest = sorted((run / "checkpoints").glob("*.ckpt"))[-1]

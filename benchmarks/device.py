@@ -37,6 +37,7 @@ DEFAULTS = {
     "arena": True,
     "memory_pattern": True,
     "memory_reuse": True,
+    "spinning": True,
     "optimize_training": True,
     "mmap_threshold": 0,
 }

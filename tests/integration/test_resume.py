@@ -16,7 +16,7 @@ from fedtune.metrics import read_events
 from ..conftest import ROOT, run_cli, simulate_here
 
 # A round's deadline is real time: on a loaded machine the resumed run's first round
-# (Ray's workers starting, torch imported) can outlast tiny's 120 s and be abandoned,
+# (Ray's workers starting, torch imported) has outlasted 120 s and been abandoned,
 # which is the round policy working, not what these tests check.
 SETS = ["--set", "run.rounds=3", "--set", "client.local_steps=2", "--set", "round.deadline_s=900"]
 ARGS = [*SETS, "--no-progress"]

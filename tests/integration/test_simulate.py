@@ -12,7 +12,12 @@ from fedtune.metrics import read_events
 
 from ..conftest import run_cli, simulate_here
 
-TINY = ["--set", "run.rounds=2", "--set", "round.clients_per_round=3", "--no-progress"]
+# A 600 s deadline: round 1's real-time deadline also covers Ray's workers starting (torch
+# imported), which took over tiny's 120 s on a loaded machine and dropped every client.
+TINY = [
+    *("--set", "run.rounds=2", "--set", "round.clients_per_round=3"),
+    *("--set", "round.deadline_s=600", "--no-progress"),
+]
 
 
 @pytest.fixture(scope="module")

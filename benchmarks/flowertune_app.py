@@ -51,9 +51,8 @@ def train(message: Message, context: Context) -> Message:
     from fedtune.metrics import peak_rss_mb, reset_peak_rss
     from fedtune.models import (
         adapter_state,
-        attach_lora,
         load_adapter_state,
-        load_base_model,
+        load_lora_model,
         load_tokenizer,
     )
     from fedtune.wire import encode_update, from_record
@@ -71,16 +70,7 @@ def train(message: Message, context: Context) -> Message:
     chunks = client_train_chunks(
         tokenizer, population.train[index], scenario.data, scenario.client.seq_len
     )
-    model = attach_lora(
-        load_base_model(
-            scenario.model.name,
-            scenario.model.compute_dtype,
-            scenario.model.num_layers,
-            scenario.model.quantization,
-        ),
-        scenario.lora,
-        seed=scenario.run.seed,
-    )
+    model = load_lora_model(scenario.model, scenario.lora, seed=scenario.run.seed)
     load_adapter_state(model, from_record(message.content.array_records[ARRAYS_KEY]))
     client = scenario.client
     seed = asked.client_seed(index)

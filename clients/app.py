@@ -64,18 +64,9 @@ def client_index(context: Context) -> int:
 
 @functools.lru_cache(maxsize=2)
 def _model(model: ModelConfig, lora: LoraConfig, seed: int, rank: int = 0) -> Any:
-    from fedtune.models import attach_lora, load_base_model
+    from fedtune.models import load_lora_model
 
-    base = load_base_model(
-        model.name,
-        model.compute_dtype,
-        model.num_layers,
-        model.quantization,
-        trust_remote_code=model.trust_remote_code,
-        task=model.task,
-        num_labels=model.num_labels,
-    )
-    return attach_lora(base, lora, seed=seed, rank=rank)
+    return load_lora_model(model, lora, seed, rank)
 
 
 @functools.lru_cache(maxsize=4)

@@ -42,9 +42,8 @@ from fedtune.metrics import (
 )
 from fedtune.models import (
     adapter_state,
-    attach_lora,
     load_adapter_state,
-    load_base_model,
+    load_lora_model,
     load_tokenizer,
     save_adapter,
 )
@@ -62,6 +61,7 @@ from fedtune.tracking import open_trackers
 from fedtune.wire import expected_specs, from_record
 
 DISCOVERY_TIMEOUT_S = 120.0
+
 
 def check_discovered(found: int, needed: int) -> None:
     """Refuse a federation with fewer client nodes than a round samples: Flower's
@@ -213,19 +213,7 @@ def run_federation(
     evaluator = Evaluator.build(scenario, tokenizer, population)  # [evaluation]: beyond perplexity
     if resume is None:
         write_partition_report(scenario.data, run_dir)  # row data: partitions.md and .png
-    model = attach_lora(
-        load_base_model(
-            scenario.model.name,
-            scenario.model.compute_dtype,
-            scenario.model.num_layers,
-            scenario.model.quantization,
-            trust_remote_code=scenario.model.trust_remote_code,
-            task=scenario.model.task,
-            num_labels=scenario.model.num_labels,
-        ),
-        scenario.lora,
-        seed=scenario.run.seed,
-    )
+    model = load_lora_model(scenario.model, scenario.lora, seed=scenario.run.seed)
     fed = _federation(grid, scenario, adapter_state(model), len(population.train), known_nodes)
     found = fed.grid.discover(
         expected=expected_nodes or len(population.train),

@@ -14,11 +14,28 @@ from typing import Any
 
 import torch
 
-from fedtune.config import LoraConfig
+from fedtune.config import LoraConfig, ModelConfig
 from fedtune.errors import ConfigError
 from fedtune.metrics import atomic_directory
 
 AdapterState = dict[str, torch.Tensor]
+
+
+def load_lora_model(model: ModelConfig, lora: LoraConfig, seed: int, rank: int = 0) -> Any:
+    """``[model]``'s base, loaded as every fedtune process loads it, with ``[lora]``'s
+    adapter attached (:func:`attach_lora`)."""
+    from fedtune.models.base import load_base_model
+
+    base = load_base_model(
+        model.name,
+        model.compute_dtype,
+        model.num_layers,
+        model.quantization,
+        trust_remote_code=model.trust_remote_code,
+        task=model.task,
+        num_labels=model.num_labels,
+    )
+    return attach_lora(base, lora, seed=seed, rank=rank)
 
 
 def attach_lora(base: Any, lora: LoraConfig, seed: int, rank: int = 0) -> Any:

@@ -81,6 +81,12 @@ LOSS_FIRST_KEY = "loss-first"
 strategies, as the adapter is then the one sent."""
 LOSS_LAST_KEY = "loss-last"
 
+# -- warm-up (a query message before round 1: simulation's workers load the model) ------
+WARM_ACTION = "warm"
+"""Load the model, tokenizer and population a train message would need, and reply.
+The config record is a train config's (:class:`TrainInstructions`, round 0)."""
+WARM_SECONDS_KEY = "warm-seconds"
+
 # -- secure aggregation (a query-message stage protocol, fedtune.privacy.secagg) ---------
 SECAGG_ACTION = "secagg"
 SECAGG_RECORD = "secagg"

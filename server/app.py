@@ -45,13 +45,15 @@ def make_server_app(
     resume: Checkpoint | None = None,
     stop: threading.Event | None = None,
     known_nodes: Mapping[int, int] | None = None,
+    warm_workers: int = 0,
 ) -> ServerApp:
     """A ServerApp running ``scenario`` (or the one named in the run config).
 
     Once ``stop`` is set, the run ends at its next grid call, keeping its last
     checkpoint, and the ServerApp returns without a summary (``fedtune simulate``'s
     Ctrl-C: the caller, which set ``stop``, reports it). ``known_nodes``: node -> client
-    index of the simulation engine's virtual nodes, which discovery need not ask.
+    index of the simulation engine's virtual nodes, which discovery need not ask;
+    ``warm_workers``: its worker count, warmed up before round 1.
     """
     app = ServerApp()
 
@@ -71,6 +73,7 @@ def make_server_app(
                         expected_nodes=expected_nodes,
                         resume=resume,
                         known_nodes=known_nodes,
+                        warm_workers=warm_workers,
                     )
             except RunInterrupted:
                 # Return normally: Flower waits 3 s more for a ServerApp that raised.

@@ -20,6 +20,7 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Protocol
 
+from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -49,11 +50,18 @@ from fedtune.models import (
 )
 from fedtune.models.base import HUB_IDS
 from fedtune.models.lora import AdapterState
-from fedtune.protocol import traits_of
+from fedtune.protocol import (
+    CONFIG_KEY,
+    INFO_KEY,
+    WARM_ACTION,
+    WARM_SECONDS_KEY,
+    TrainInstructions,
+    traits_of,
+)
 from fedtune.report import plot_perplexity
 from fedtune.server import round as steps
 from fedtune.server.fleet import Fleet
-from fedtune.server.grid import DeviceGrid
+from fedtune.server.grid import POLL_SECONDS, DeviceGrid, replies_of
 from fedtune.server.seed_sync import SeedSync
 from fedtune.strategies import build_strategy
 from fedtune.strategies.private import wrap_private
@@ -61,6 +69,8 @@ from fedtune.tracking import open_trackers
 from fedtune.wire import expected_specs, from_record
 
 DISCOVERY_TIMEOUT_S = 120.0
+WARM_UP_TIMEOUT_S = 900.0
+"""How long round 1 waits for the workers' warm-up (:func:`warm_up`) to be answered."""
 
 
 def check_discovered(found: int, needed: int) -> None:
@@ -188,6 +198,7 @@ def run_federation(
     expected_nodes: int | None = None,
     resume: Checkpoint | None = None,
     known_nodes: Mapping[int, int] | None = None,
+    warm_workers: int = 0,
 ) -> dict[str, Any]:
     """Run every round of ``scenario`` on ``grid``; write the run folder; return the summary.
 
@@ -195,6 +206,8 @@ def run_federation(
     rounds (written before the crash, after the checkpoint) are dropped first.
     ``known_nodes`` (node -> client index) are nodes the server need not ask which
     client they are: the simulation engine's own (see :class:`DeviceGrid`).
+    ``warm_workers``: the simulation engine's worker count, warmed up while the server
+    evaluates the initial adapter (:func:`warm_up`); 0 sends no warm-up.
     """
     observer = observer if observer is not None else Silent()
     started = time.perf_counter()
@@ -221,6 +234,7 @@ def run_federation(
         timeout=DISCOVERY_TIMEOUT_S,
     )
     check_discovered(len(found), scenario.round.clients_per_round)
+    warming = warm_up(fed.grid, scenario, warm_workers)
 
     def evaluate(adapter: AdapterState) -> float:
         load_adapter_state(model, adapter)
@@ -253,6 +267,9 @@ def run_federation(
         else:
             fed.fleet.footprints = state.footprints
     fed.seeds.held = state.seed_versions
+    warmed = await_warm_up(fed.grid, warming)
+    if warmed is not None:
+        events.write("warm_up", **warmed)
     observer.run_started(scenario, state.initial_perplexity)
     log(INFO, "Held-out perplexity before round 1: %.3f", state.initial_perplexity)
     spec = client_spec(scenario)
@@ -362,6 +379,69 @@ def run_federation(
     # Written last: its presence means the run finished.
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def warm_up(grid: DeviceGrid, scenario: Scenario, workers: int) -> list[str]:
+    """Send a warm-up query (:data:`~fedtune.protocol.WARM_ACTION`) to the first
+    ``workers`` nodes in client order; return the messages' ids (none for 0 workers).
+
+    In Flower's simulation engine any idle worker (Ray actor) takes the next message,
+    so as many queries as workers reach each of them while they are all idle: each
+    loads the model while the server evaluates the initial adapter, instead of in round
+    1, where its start (importing torch, loading the model) lengthened the round and
+    counted against its real-time deadline."""
+    if workers <= 0:
+        return []
+    config = TrainInstructions(round=0, spec=client_spec(scenario)).to_config()
+    messages = [
+        Message(
+            RecordDict({CONFIG_KEY: config}),
+            dst_node_id=node,
+            message_type=f"{MessageType.QUERY}.{WARM_ACTION}",
+        )
+        for node in list(grid.get_node_ids())[:workers]
+    ]
+    return list(grid.push_messages(messages))
+
+
+def await_warm_up(
+    grid: Grid, ids: list[str], timeout: float = WARM_UP_TIMEOUT_S
+) -> dict[str, Any] | None:
+    """Wait (up to ``timeout``) for the replies to :func:`warm_up`'s queries; return the
+    ``warm_up`` event's fields (None when none was sent). A failed or missing reply is
+    logged and costs nothing else: that worker loads at its first train message, as it
+    would without a warm-up. The load time a worker reports is recorded, not trusted."""
+    if not ids:
+        return None
+    started = time.monotonic()
+    pending = set(ids)
+    loads: list[float] = []
+    failed = 0
+    while pending and time.monotonic() - started < timeout:
+        for key, reply in replies_of(grid, list(pending)):
+            pending.discard(key)
+            if reply.has_error():
+                failed += 1
+                log(WARNING, "A worker's warm-up failed: %s", reply.error.reason)
+                continue
+            info = reply.content.config_records.get(INFO_KEY)
+            seconds = info.get(WARM_SECONDS_KEY) if info is not None else None
+            if isinstance(seconds, float) and 0 <= seconds < 1e6:
+                loads.append(seconds)
+        if pending:
+            time.sleep(POLL_SECONDS)
+    waited = time.monotonic() - started
+    if pending:
+        log(WARNING, "%d worker(s) not warm after %.0f s; round 1 goes on", len(pending), timeout)
+    else:
+        log(INFO, "%d worker(s) warm (waited %.1f s for them)", len(ids), waited)
+    return {
+        "workers": len(ids),
+        "ready": len(ids) - len(pending) - failed,
+        "failed": failed,
+        "waited_seconds": waited,
+        "reported_load_seconds": max(loads) if loads else None,
+    }
 
 
 def model_card(scenario: Scenario, summary: dict[str, Any]) -> str:

@@ -15,16 +15,19 @@ import os
 import signal
 import sys
 import threading
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedtune.config import Scenario
 from fedtune.errors import FedtuneError, RunInterrupted
 
 if TYPE_CHECKING:
     from fedtune.checkpoint import Checkpoint
+
+T = TypeVar("T")
 
 
 def simulate(
@@ -54,10 +57,11 @@ def simulate(
     # for cores another process holds slowed a training step tenfold on 2 cores.
     # Workers inherit the driver's environment (a user's own setting wins).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    population = preflight(scenario)
+    backend_config = _backend_config(scenario, verbose)
+    population = beside_ray_start(lambda: preflight(scenario), backend_config)
     run_dir = Path(run_dir)
     with prepare_run_dir(run_dir, resume=resume is not None):
-        return _run(scenario, run_dir, population, progress, verbose, resume)
+        return _run(scenario, run_dir, population, progress, verbose, resume, backend_config)
 
 
 def _check_run_dir(scenario: Scenario, run_dir: Path, resume: Checkpoint | None) -> None:
@@ -113,6 +117,7 @@ def _run(
     progress: bool,
     verbose: bool,
     resume: Checkpoint | None,
+    backend_config: dict[str, Any],
 ) -> dict[str, Any]:
     """:func:`simulate` once the run folder is locked."""
     import json
@@ -124,19 +129,8 @@ def _run(
     from fedtune.clients.app import app as client_app
     from fedtune.server.app import make_server_app
 
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {
-            "num_cpus": min(scenario.simulation.client_cpus, cpus),
-            "num_gpus": 0.0,
-        },
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-            "log_to_driver": verbose,
-        },
-    }
+    cpus = backend_config["init_args"]["num_cpus"]
+    client_cpus = backend_config["client_resources"]["num_cpus"]
     observer = _observer(scenario) if progress else None
     stop = threading.Event()
     try:
@@ -149,12 +143,14 @@ def _run(
                 resume=resume,
                 stop=stop,
                 known_nodes=known,
+                # Flower's Ray backend starts one worker per client_cpus of the CPUs.
+                warm_workers=min(num_nodes, max(1, int(cpus // client_cpus))),
             )
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=num_nodes,
-                backend_config=backend_config,  # type: ignore[arg-type]
+                backend_config=backend_config,
                 verbose_logging=verbose,
             )
     finally:
@@ -167,6 +163,64 @@ def _run(
         raise FedtuneError(f"the simulation ended without finishing the run in {run_dir}")
     summary: dict[str, Any] = json.loads(summary_path.read_text())
     return summary
+
+
+def _backend_config(scenario: Scenario, verbose: bool) -> dict[str, Any]:
+    """Flower's Ray backend settings: one worker per ``simulation.client_cpus`` CPUs."""
+    cpus = os.cpu_count() or 1
+    return {
+        "client_resources": {
+            "num_cpus": min(scenario.simulation.client_cpus, cpus),
+            "num_gpus": 0.0,
+        },
+        "init_args": {
+            "num_cpus": cpus,
+            "include_dashboard": False,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+            "log_to_driver": verbose,
+        },
+    }
+
+
+def beside_ray_start(work: Callable[[], T], backend_config: dict[str, Any]) -> T:
+    """``work()`` (the preflight), run while Ray starts as Flower's Ray backend would
+    start it (its own ``init_ray``, same settings); the backend then finds it running.
+
+    The preflight is ~5 s of imports and tokenizing on one core; Ray's start (~2.5 s,
+    much of it waiting for its processes) came after it, on the way to round 1
+    (benchmarks/RESULTS.md, the quickstart's overhead). Ray starts in this (the main)
+    thread: Ray's processes die with the thread that started them. If ``work`` raises,
+    Ray is shut down and the error goes on. Where Flower's backend has no ``init_ray``
+    (another Flower than 1.41), or starting fails here, Ray starts as it always did,
+    inside ``run_simulation``, which reports any error.
+    """
+    try:
+        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    except ImportError:
+        return work()
+    init_ray = getattr(RayBackend, "init_ray", None)
+    if init_ray is None:
+        return work()
+    done: list[T] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(work())
+        except BaseException as exc:  # handed to the main thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="fedtune-preflight", daemon=True)
+    thread.start()
+    with contextlib.suppress(Exception):  # run_simulation starts it again, and says why
+        init_ray(types.SimpleNamespace(init_args_key="init_args"), backend_config)
+    thread.join()
+    if failed:
+        import ray
+
+        ray.shutdown()
+        raise failed[0]
+    return done[0]
 
 
 @contextlib.contextmanager

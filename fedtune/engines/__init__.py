@@ -73,6 +73,7 @@ def engine_settings(
         seed=seed,
         proximal_mu=proximal_mu,
         train_only=train_only,
+        recompute_logits=client.recompute_logits,
     )
     values = {f: getattr(common, f) for f in common.__dataclass_fields__}
     if name == "backprop":

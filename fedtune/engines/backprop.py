@@ -44,7 +44,9 @@ class BackpropEngine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             for index in batches:
-                loss = causal_lm_loss(model, *batch_parts(chunks[index]))
+                loss = causal_lm_loss(
+                    model, *batch_parts(chunks[index]), recompute=config.recompute_logits
+                )
                 objective = loss  # the reported loss stays the task loss
                 if anchors:
                     objective = loss + config.proximal_mu / 2 * proximal_term(params, anchors)

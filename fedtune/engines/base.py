@@ -42,6 +42,8 @@ class LocalTraining:
     train_only: str = "all"
     """Which LoRA factor is trained: ``all``, ``A`` or ``B`` (the other stays exactly as
     loaded; FFA-LoRA trains only ``B``)."""
+    recompute_logits: bool = False
+    """Recompute the loss slices' logits in the backward (less memory, more time)."""
 
     def __post_init__(self) -> None:
         if not self.proximal_mu >= 0:

@@ -347,11 +347,11 @@ class ClientConfig:
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA weights."""
     recompute_logits: bool = False
-    """``backprop``: recompute each loss slice's vocabulary logits in the backward pass
-    instead of keeping them (``torch.utils.checkpoint``). SmolLM2-135M at 4x128 tokens:
-    46 MiB less peak than keeping the slices (2,320 vs 2,366 MiB; the model's own loss
-    2,475) for 12-14 % more time a step (benchmarks/RESULTS.md). Phones' ONNX graphs
-    always recompute (``fedtune.ondevice.artifacts``)."""
+    """``backprop``: the loss over 8 token slices whose vocabulary logits are recomputed
+    in the backward pass (``torch.utils.checkpoint``) instead of the model's own loss
+    over all the logits at once. SmolLM2-135M at 4x128 tokens: 155 MiB less peak (2,320
+    vs 2,475 MiB) for 12-14 % more time a step (benchmarks/RESULTS.md). Phones' ONNX
+    graphs always slice and recompute (``fedtune.ondevice.artifacts``)."""
     wire_dtype: str = "fp32"
     """How the update travels up: ``fp32``, ``fp16`` or ``int8`` (per-row scales)."""
     eps: float = 0.0

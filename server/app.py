@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from flwr.app import Context
@@ -30,7 +30,7 @@ from fedtune.errors import RunInterrupted
 from fedtune.rundir import lock_run_dir
 from fedtune.server.gateway import hosted_gateway
 from fedtune.server.grid import StoppableGrid
-from fedtune.server.loop import Observer, run_federation
+from fedtune.server.loop import Observer, run_federation, warm_up
 
 
 def default_run_dir(scenario: Scenario) -> Path:
@@ -46,6 +46,7 @@ def make_server_app(
     stop: threading.Event | None = None,
     known_nodes: Mapping[int, int] | None = None,
     warm_workers: int = 0,
+    gate: Callable[[], bool] | None = None,
 ) -> ServerApp:
     """A ServerApp running ``scenario`` (or the one named in the run config).
 
@@ -53,7 +54,10 @@ def make_server_app(
     checkpoint, and the ServerApp returns without a summary (``fedtune simulate``'s
     Ctrl-C: the caller, which set ``stop``, reports it). ``known_nodes``: node -> client
     index of the simulation engine's virtual nodes, which discovery need not ask;
-    ``warm_workers``: its worker count, warmed up before round 1.
+    ``warm_workers``: its worker count, sent a warm-up first thing
+    (:func:`~fedtune.server.loop.warm_up`); ``gate``: called next, before anything is
+    written: False ends the run there (``fedtune simulate`` waits in it for its
+    preflight and takes the run folder's lock).
     """
     app = ServerApp()
 
@@ -61,6 +65,11 @@ def make_server_app(
     def main(grid: Grid, context: Context) -> None:
         if scenario is not None:
             out = run_dir or default_run_dir(scenario)
+            # The workers load the model while the gate's checks finish and the server
+            # evaluates the initial adapter.
+            warming = warm_up(grid, scenario, warm_workers)
+            if gate is not None and not gate():
+                return
             try:
                 # Phones join as nodes; the stop check wraps them too.
                 with hosted_gateway(scenario, grid, out) as nodes:
@@ -73,7 +82,7 @@ def make_server_app(
                         expected_nodes=expected_nodes,
                         resume=resume,
                         known_nodes=known_nodes,
-                        warm_workers=warm_workers,
+                        warming=warming,
                     )
             except RunInterrupted:
                 # Return normally: Flower waits 3 s more for a ServerApp that raised.

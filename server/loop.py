@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -198,7 +198,7 @@ def run_federation(
     expected_nodes: int | None = None,
     resume: Checkpoint | None = None,
     known_nodes: Mapping[int, int] | None = None,
-    warm_workers: int = 0,
+    warming: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every round of ``scenario`` on ``grid``; write the run folder; return the summary.
 
@@ -206,8 +206,8 @@ def run_federation(
     rounds (written before the crash, after the checkpoint) are dropped first.
     ``known_nodes`` (node -> client index) are nodes the server need not ask which
     client they are: the simulation engine's own (see :class:`DeviceGrid`).
-    ``warm_workers``: the simulation engine's worker count, warmed up while the server
-    evaluates the initial adapter (:func:`warm_up`); 0 sends no warm-up.
+    ``warming``: ids of :func:`warm_up` queries already sent, whose replies round 1
+    waits for once the initial adapter is evaluated.
     """
     observer = observer if observer is not None else Silent()
     started = time.perf_counter()
@@ -234,7 +234,6 @@ def run_federation(
         timeout=DISCOVERY_TIMEOUT_S,
     )
     check_discovered(len(found), scenario.round.clients_per_round)
-    warming = warm_up(fed.grid, scenario, warm_workers)
 
     def evaluate(adapter: AdapterState) -> float:
         load_adapter_state(model, adapter)
@@ -267,7 +266,7 @@ def run_federation(
         else:
             fed.fleet.footprints = state.footprints
     fed.seeds.held = state.seed_versions
-    warmed = await_warm_up(fed.grid, warming)
+    warmed = await_warm_up(fed.grid, list(warming))
     if warmed is not None:
         events.write("warm_up", **warmed)
     observer.run_started(scenario, state.initial_perplexity)
@@ -381,17 +380,21 @@ def run_federation(
     return summary
 
 
-def warm_up(grid: DeviceGrid, scenario: Scenario, workers: int) -> list[str]:
-    """Send a warm-up query (:data:`~fedtune.protocol.WARM_ACTION`) to the first
-    ``workers`` nodes in client order; return the messages' ids (none for 0 workers).
+def warm_up(grid: Grid, scenario: Scenario, workers: int) -> list[str]:
+    """Send a warm-up query (:data:`~fedtune.protocol.WARM_ACTION`) to ``workers`` of
+    the grid's nodes (waiting for them to be listed); return the messages' ids (none for
+    0 workers). Their replies are awaited by :func:`run_federation` before round 1.
 
     In Flower's simulation engine any idle worker (Ray actor) takes the next message,
     so as many queries as workers reach each of them while they are all idle: each
-    loads the model while the server evaluates the initial adapter, instead of in round
-    1, where its start (importing torch, loading the model) lengthened the round and
-    counted against its real-time deadline."""
+    loads the model, tokenizer and population while the server checks the scenario and
+    evaluates the initial adapter, instead of in round 1, where its start (importing
+    torch, loading the model) lengthened the round and counted against its deadline."""
     if workers <= 0:
         return []
+    deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
+    while not (nodes := sorted(grid.get_node_ids())) and time.monotonic() < deadline:
+        time.sleep(POLL_SECONDS)
     config = TrainInstructions(round=0, spec=client_spec(scenario)).to_config()
     messages = [
         Message(
@@ -399,9 +402,9 @@ def warm_up(grid: DeviceGrid, scenario: Scenario, workers: int) -> list[str]:
             dst_node_id=node,
             message_type=f"{MessageType.QUERY}.{WARM_ACTION}",
         )
-        for node in list(grid.get_node_ids())[:workers]
+        for node in nodes[:workers]
     ]
-    return list(grid.push_messages(messages))
+    return list(grid.push_messages(messages)) if messages else []
 
 
 def await_warm_up(

@@ -18,6 +18,8 @@ import threading
 import types
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,7 +44,7 @@ def simulate(
     With ``resume`` (see :func:`fedtune.checkpoint.resume_point`), continue the run in
     ``run_dir``. The run folder is locked from before its first file to the end.
     """
-    from fedtune.server.preflight import preflight, prepare_run_dir
+    from fedtune.server.preflight import check_inputs, check_rules
 
     _check_run_dir(scenario, run_dir, resume)
     if not verbose:
@@ -58,10 +60,14 @@ def simulate(
     # Workers inherit the driver's environment (a user's own setting wins).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     backend_config = _backend_config(scenario, verbose)
-    population = beside_ray_start(lambda: preflight(scenario), backend_config)
-    run_dir = Path(run_dir)
-    with prepare_run_dir(run_dir, resume=resume is not None):
-        return _run(scenario, run_dir, population, progress, verbose, resume, backend_config)
+    # The preflight's rules first: a broken one costs a second and starts nothing. Its
+    # slow half (~5 s of imports and tokenizing on one core) then runs beside Ray's start
+    # and the workers' warm-up; the ServerApp waits for its verdict before the run folder
+    # is touched (benchmarks/RESULTS.md: the quickstart's start-up, profiled).
+    clients = check_rules(scenario)  # one virtual node per training client
+    checks = in_background(check_inputs, scenario)
+    start_ray(backend_config)
+    return _run(scenario, Path(run_dir), clients, checks, progress, verbose, resume, backend_config)
 
 
 def _check_run_dir(scenario: Scenario, run_dir: Path, resume: Checkpoint | None) -> None:
@@ -113,56 +119,94 @@ def simulate_in_process(
 def _run(
     scenario: Scenario,
     run_dir: Path,
-    population: int,
+    clients: int,
+    checks: Future[None],
     progress: bool,
     verbose: bool,
     resume: Checkpoint | None,
     backend_config: dict[str, Any],
 ) -> dict[str, Any]:
-    """:func:`simulate` once the run folder is locked."""
+    """:func:`simulate` once Ray is up and the preflight (``checks``) is under way."""
     import json
-
-    num_nodes = scenario.simulation.num_supernodes or population
 
     from flwr.simulation import run_simulation
 
     from fedtune.clients.app import app as client_app
     from fedtune.server.app import make_server_app
+    from fedtune.server.preflight import prepare_run_dir
 
+    num_nodes = scenario.simulation.num_supernodes or clients
     cpus = backend_config["init_args"]["num_cpus"]
     client_cpus = backend_config["client_resources"]["num_cpus"]
     observer = _observer(scenario) if progress else None
     stop = threading.Event()
-    try:
-        with stop_on_sigint(stop), engine_partitions() as known:
-            server_app = make_server_app(
-                scenario,
-                run_dir,
-                observer,
-                expected_nodes=num_nodes,
-                resume=resume,
-                stop=stop,
-                known_nodes=known,
-                # Flower's Ray backend starts one worker per client_cpus of the CPUs.
-                warm_workers=min(num_nodes, max(1, int(cpus // client_cpus))),
-            )
-            run_simulation(
-                server_app=server_app,
-                client_app=client_app,
-                num_supernodes=num_nodes,
-                backend_config=backend_config,
-                verbose_logging=verbose,
-            )
-    finally:
-        if observer is not None:
-            observer.close()
-    summary_path = run_dir / "summary.json"
-    if stop.is_set() and not summary_path.exists():
-        raise RunInterrupted(_interrupted(run_dir))
-    if not summary_path.exists():
-        raise FedtuneError(f"the simulation ended without finishing the run in {run_dir}")
-    summary: dict[str, Any] = json.loads(summary_path.read_text())
-    return summary
+    refused: list[BaseException] = []
+    with contextlib.ExitStack() as held:
+
+        def gate() -> bool:
+            """In the ServerApp, the warm-up sent: the preflight's verdict, then the run
+            folder's lock (held to the end of the run). False ends the run before it
+            starts: refused (the error is raised here once Ray has stopped) or stopped."""
+            try:
+                while not stop.is_set():
+                    with contextlib.suppress(FutureTimeout):
+                        checks.result(timeout=0.1)
+                        held.enter_context(prepare_run_dir(run_dir, resume=resume is not None))
+                        return True
+                return False
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                refused.append(exc)
+                return False
+
+        try:
+            with stop_on_sigint(stop), engine_partitions() as known:
+                server_app = make_server_app(
+                    scenario,
+                    run_dir,
+                    observer,
+                    expected_nodes=num_nodes,
+                    resume=resume,
+                    stop=stop,
+                    known_nodes=known,
+                    # Flower's Ray backend starts one worker per client_cpus of the CPUs.
+                    warm_workers=min(num_nodes, max(1, int(cpus // client_cpus))),
+                    gate=gate,
+                )
+                run_simulation(
+                    server_app=server_app,
+                    client_app=client_app,
+                    num_supernodes=num_nodes,
+                    backend_config=backend_config,
+                    verbose_logging=verbose,
+                )
+        finally:
+            if observer is not None:
+                observer.close()
+        if refused:
+            raise refused[0]
+        summary_path = run_dir / "summary.json"
+        if stop.is_set() and not summary_path.exists():
+            raise RunInterrupted(_interrupted(run_dir))
+        if not summary_path.exists():
+            raise FedtuneError(f"the simulation ended without finishing the run in {run_dir}")
+        summary: dict[str, Any] = json.loads(summary_path.read_text())
+        return summary
+
+
+def in_background(work: Callable[..., T], *args: Any) -> Future[T]:
+    """``work(*args)`` in a daemon thread; its result (or exception) in the Future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work(*args))
+        except BaseException as exc:  # noqa: BLE001 - the Future re-raises it
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="fedtune-preflight", daemon=True).start()
+    return future
 
 
 def _backend_config(scenario: Scenario, verbose: bool) -> dict[str, Any]:
@@ -182,45 +226,22 @@ def _backend_config(scenario: Scenario, verbose: bool) -> dict[str, Any]:
     }
 
 
-def beside_ray_start(work: Callable[[], T], backend_config: dict[str, Any]) -> T:
-    """``work()`` (the preflight), run while Ray starts as Flower's Ray backend would
-    start it (its own ``init_ray``, same settings); the backend then finds it running.
+def start_ray(backend_config: dict[str, Any]) -> None:
+    """Start Ray now, as Flower's Ray backend would start it (its own ``init_ray``, same
+    settings): the backend then finds it running. Called in the main thread (Ray's
+    processes die with the thread that started them) while the preflight runs beside.
 
-    The preflight is ~5 s of imports and tokenizing on one core; Ray's start (~2.5 s,
-    much of it waiting for its processes) came after it, on the way to round 1
-    (benchmarks/RESULTS.md, the quickstart's overhead). Ray starts in this (the main)
-    thread: Ray's processes die with the thread that started them. If ``work`` raises,
-    Ray is shut down and the error goes on. Where Flower's backend has no ``init_ray``
-    (another Flower than 1.41), or starting fails here, Ray starts as it always did,
-    inside ``run_simulation``, which reports any error.
-    """
+    Where Flower's backend has no ``init_ray`` (another Flower than 1.41), or starting
+    fails here, Ray starts as it always did, inside ``run_simulation``, which reports
+    any error."""
     try:
         from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
     except ImportError:
-        return work()
+        return
     init_ray = getattr(RayBackend, "init_ray", None)
-    if init_ray is None:
-        return work()
-    done: list[T] = []
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            done.append(work())
-        except BaseException as exc:  # handed to the main thread
-            failed.append(exc)
-
-    thread = threading.Thread(target=run, name="fedtune-preflight", daemon=True)
-    thread.start()
-    with contextlib.suppress(Exception):  # run_simulation starts it again, and says why
-        init_ray(types.SimpleNamespace(init_args_key="init_args"), backend_config)
-    thread.join()
-    if failed:
-        import ray
-
-        ray.shutdown()
-        raise failed[0]
-    return done[0]
+    if init_ray is not None:
+        with contextlib.suppress(Exception):  # run_simulation starts it again, and says why
+            init_ray(types.SimpleNamespace(init_args_key="init_args"), backend_config)
 
 
 @contextlib.contextmanager

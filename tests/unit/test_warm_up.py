@@ -10,7 +10,7 @@ from flwr.app import Error, Message
 
 from fedtune.clients.app import _model
 from fedtune.config import load_scenario
-from fedtune.server.loop import run_federation
+from fedtune.server.loop import run_federation, warm_up
 
 from .node_grid import InProcessGrid, task_identity
 
@@ -41,12 +41,13 @@ def test_workers_load_the_model_before_round_1_and_say_so(tmp_path):
     grid = InProcessGrid({100 + i: i for i in range(4)})
     _model.cache_clear()
     with task_identity():
-        run_federation(grid, scenario(), tmp_path, expected_nodes=4, warm_workers=2)
+        warming = warm_up(grid, scenario(), 2)
+        run_federation(grid, scenario(), tmp_path, expected_nodes=4, warming=warming)
 
     kinds = [(m.metadata.message_type, m.metadata.dst_node_id) for m in grid.delivered]
     warmed = [i for i, (kind, _) in enumerate(kinds) if kind == WARM]
-    assert [kinds[i][1] for i in warmed] == [100, 101]  # the first nodes in client order
-    assert max(warmed) < min(i for i, (kind, _) in enumerate(kinds) if kind == "train")
+    assert warmed == [0, 1] and [kinds[i][1] for i in warmed] == [100, 101]  # sent first
+    assert all(kind != WARM for kind, _ in kinds[2:])
     # The warm-up loaded the model; round 1's training found it in the cache.
     assert _model.cache_info().misses == 1
     log = events(tmp_path)
@@ -67,7 +68,8 @@ def test_a_failed_warm_up_is_recorded_and_round_1_trains_anyway(tmp_path):
 
     grid = InProcessGrid({100 + i: i for i in range(4)}, app=app)
     with task_identity():
-        summary = run_federation(grid, scenario(), tmp_path, expected_nodes=4, warm_workers=1)
+        warming = warm_up(grid, scenario(), 1)
+        summary = run_federation(grid, scenario(), tmp_path, expected_nodes=4, warming=warming)
 
     (warm,) = [e for e in events(tmp_path) if e["event"] == "warm_up"]
     assert (warm["workers"], warm["ready"], warm["failed"]) == (1, 0, 1)

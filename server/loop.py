@@ -61,7 +61,7 @@ from fedtune.protocol import (
 from fedtune.report import plot_perplexity
 from fedtune.server import round as steps
 from fedtune.server.fleet import Fleet
-from fedtune.server.grid import POLL_SECONDS, DeviceGrid, replies_of
+from fedtune.server.grid import POLL_SECONDS, DeviceGrid
 from fedtune.server.seed_sync import SeedSync
 from fedtune.strategies import build_strategy
 from fedtune.strategies.private import wrap_private
@@ -408,7 +408,7 @@ def warm_up(grid: Grid, scenario: Scenario, workers: int) -> list[str]:
 
 
 def await_warm_up(
-    grid: Grid, ids: list[str], timeout: float = WARM_UP_TIMEOUT_S
+    grid: DeviceGrid, ids: list[str], timeout: float = WARM_UP_TIMEOUT_S
 ) -> dict[str, Any] | None:
     """Wait (up to ``timeout``) for the replies to :func:`warm_up`'s queries; return the
     ``warm_up`` event's fields (None when none was sent). A failed or missing reply is
@@ -417,30 +417,27 @@ def await_warm_up(
     if not ids:
         return None
     started = time.monotonic()
-    pending = set(ids)
+    replies, _ = grid.wait_for(ids, timeout)
+    waited = time.monotonic() - started
     loads: list[float] = []
     failed = 0
-    while pending and time.monotonic() - started < timeout:
-        for key, reply in replies_of(grid, list(pending)):
-            pending.discard(key)
-            if reply.has_error():
-                failed += 1
-                log(WARNING, "A worker's warm-up failed: %s", reply.error.reason)
-                continue
-            info = reply.content.config_records.get(INFO_KEY)
-            seconds = info.get(WARM_SECONDS_KEY) if info is not None else None
-            if isinstance(seconds, float) and 0 <= seconds < 1e6:
-                loads.append(seconds)
-        if pending:
-            time.sleep(POLL_SECONDS)
-    waited = time.monotonic() - started
-    if pending:
-        log(WARNING, "%d worker(s) not warm after %.0f s; round 1 goes on", len(pending), timeout)
+    for reply in replies.values():
+        if reply.has_error():
+            failed += 1
+            log(WARNING, "A worker's warm-up failed: %s", reply.error.reason)
+            continue
+        info = reply.content.config_records.get(INFO_KEY)
+        seconds = info.get(WARM_SECONDS_KEY) if info is not None else None
+        if isinstance(seconds, float) and 0 <= seconds < 1e6:
+            loads.append(seconds)
+    missing = len(ids) - len(replies)
+    if missing:
+        log(WARNING, "%d worker(s) not warm after %.0f s; round 1 goes on", missing, timeout)
     else:
         log(INFO, "%d worker(s) warm (waited %.1f s for them)", len(ids), waited)
     return {
         "workers": len(ids),
-        "ready": len(ids) - len(pending) - failed,
+        "ready": len(replies) - failed,
         "failed": failed,
         "waited_seconds": waited,
         "reported_load_seconds": max(loads) if loads else None,

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,64 +24,23 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 NODES = 3
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    out = open(log, "ab")  # noqa: SIM115 - the child keeps it
-    return subprocess.Popen(
-        cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-
-
 def run(mode: str, scenario: str, rounds: int, extra: list[str], folder: Path) -> dict[str, Any]:
+    sys.path.insert(0, str(ROOT))  # the tests' loopback deployment (SuperLink, SuperNodes)
+    from fedtune.metrics import read_events
+    from tests.integration.federation import Federation
+
     folder.mkdir(parents=True)
-    port = free_port()
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_HOME": str(folder / "flwr-home"),
-        "FEDTUNE_WORKER_DIR": str(folder / "workers"),
-    }
-    procs = [
-        start(
-            [str(BIN / "flower-superlink"), "--insecure", "--port", str(port)],
-            folder / "superlink.log",
-            env,
-        )
-    ]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # the SuperLink listens before anything connects
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.2)
-    warm = "true" if mode == "warm" else "false"
-    for p in range(NODES):
-        procs.append(
-            start(
-                [
-                    str(BIN / "flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"127.0.0.1:{port}",
-                    "--node-config",
-                    f"partition-id={p} warm-worker={warm}",
-                    "--port",
-                    str(free_port()),
-                ],
-                folder / f"node{p}.log",
-                env,
-            )
-        )
+    federation = Federation(
+        folder,
+        list(range(NODES)),
+        node_config=f"warm-worker={'true' if mode == 'warm' else 'false'}",
+        env={"FEDTUNE_WORKER_DIR": str(folder / "workers")},
+    )
+    env = federation.env
     run_dir = folder / "run"
     overrides = [
         f"run.rounds={rounds}",
@@ -94,27 +50,21 @@ def run(mode: str, scenario: str, rounds: int, extra: list[str], folder: Path) -
         *extra,
     ]
     if mode == "flowertune":
-        cmd = flowertune_run(scenario, overrides, run_dir, f"127.0.0.1:{port}", folder, env)
+        cmd = flowertune_run(scenario, overrides, run_dir, federation.address, folder, env)
     else:
         cmd = [sys.executable, "-m", "fedtune.cli", "serve", scenario, "--out", str(run_dir)]
-        cmd += ["--superlink", f"127.0.0.1:{port}", "--nodes", str(NODES)]
+        cmd += ["--superlink", federation.address, "--nodes", str(NODES)]
         cmd += [a for kv in overrides for a in ("--set", kv)]
     started = time.perf_counter()
     try:
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+        federation.stop()
     wall = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"{mode}: {' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    updates = [e for e in events if e["event"] == "client_update"]
-    rounds_ev = [e for e in events if e["event"] == "round" and e["round"] > 0]
+    updates = list(read_events(run_dir / "metrics.jsonl", "client_update"))
+    rounds_ev = [e for e in read_events(run_dir / "metrics.jsonl", "round") if e["round"] > 0]
     loads: dict[int, int] = defaultdict(int)
     for client in sorted({u["client"] for u in updates}):
         mine = [u for u in updates if u["client"] == client and u["status"] == "ok"]
@@ -179,6 +129,8 @@ def main() -> None:
     parser.add_argument("--flowertune", action="store_true", help="also the FlowerTune-style app")
     parser.add_argument("--only", choices=["flowertune"], help="check one mode, no table")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (rounds 2+ are where a worker is warm)")
     folder = Path(tempfile.mkdtemp(prefix="fedtune-warm-"))
     if args.only:
         print(json.dumps(run(args.only, args.scenario, args.rounds, args.set, folder / args.only)))

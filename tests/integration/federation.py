@@ -24,16 +24,27 @@ def free_port() -> int:
 
 
 class Federation:
-    def __init__(self, folder: Path, partitions: list[int]) -> None:
+    """``node_config`` is added to every SuperNode's (after its ``partition-id``);
+    ``env`` to every process's environment (benchmarks/warm_deploy.py uses both)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        partitions: list[int],
+        node_config: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.node_config = node_config
         self.env = {
             **os.environ,
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_HOME": str(folder / "flwr-home"),
+            **(env or {}),
         }
         self.superlink = self._start(
             "superlink", [str(BIN / "flower-superlink"), "--insecure", "--port", str(self.port)]
@@ -70,7 +81,7 @@ class Federation:
                 "--superlink",
                 self.address,
                 "--node-config",
-                f"partition-id={partition}",
+                f"partition-id={partition} {self.node_config}".strip(),
                 "--port",
                 str(free_port()),
             ],

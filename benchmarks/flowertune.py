@@ -29,6 +29,7 @@ def side(which: str, scenario_name: str, overrides: list[str], out: Path) -> Non
     """One side's run, in this process; prints its figures as JSON."""
     sys.path.insert(0, str(HERE))
     from fedtune.config import load_scenario
+    from fedtune.data import build_population
     from fedtune.metrics import read_events
     from fedtune.server.inprocess import InProcessGrid, task_identity
     from fedtune.server.loop import run_federation
@@ -38,11 +39,7 @@ def side(which: str, scenario_name: str, overrides: list[str], out: Path) -> Non
         from flowertune_app import app
     else:
         from fedtune.clients.app import app
-    nodes = {1000 + i: i for i in range(scenario.data.num_clients or 0)} or None
-    if nodes is None:
-        from fedtune.data import build_population
-
-        nodes = {1000 + i: i for i in range(len(build_population(scenario.data).train))}
+    nodes = {1000 + i: i for i in range(len(build_population(scenario.data).train))}
     started = time.perf_counter()
     with task_identity():
         grid = InProcessGrid(nodes, app=app)

@@ -194,7 +194,9 @@ def _run(
 
 
 def in_background(work: Callable[..., T], *args: Any) -> Future[T]:
-    """``work(*args)`` in a daemon thread; its result (or exception) in the Future."""
+    """``work(*args)`` in a daemon thread; its result (or exception) in the Future.
+    Not a ThreadPoolExecutor: its worker thread would hold the process's exit (after a
+    Ctrl-C, say) until the preflight's tokenizing ended."""
     future: Future[T] = Future()
 
     def run() -> None:

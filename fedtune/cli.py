@@ -15,7 +15,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedtune.checkpoint import resume_point
     from fedtune.config import load_scenario
     from fedtune.server.app import default_run_dir
-    from fedtune.simulations.runner import simulate
+    from fedtune.simulations.runner import simulate, simulate_in_process
 
     if args.resume:
         if args.out:
@@ -30,7 +30,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     else:
         scenario, checkpoint = load_scenario(args.scenario, args.set), None
         run_dir = Path(args.out) if args.out else default_run_dir(scenario)
-    summary = simulate(
+    run = simulate_in_process if args.in_process else simulate
+    summary = run(
         scenario, run_dir, progress=not args.no_progress, verbose=args.verbose, resume=checkpoint
     )
     return _outcome(summary, run_dir)
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress display")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run clients in this process, one after another, without Ray",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("serve", help="run a scenario on a Flower SuperLink with real SuperNodes")

@@ -10,7 +10,7 @@ import torch
 
 from fedtune.metrics import read_events
 
-from ..conftest import run_cli, simulate_here
+from ..conftest import run_cli
 
 # tiny's own 120 s deadline: Ray's workers start (import torch, load the model) in the
 # warm-up before round 1, not inside its deadline (on a loaded machine that start took
@@ -99,15 +99,13 @@ def test_saved_adapter_reproduces_final_perplexity(tiny_run):
 
 
 def test_same_seed_gives_identical_adapter_with_or_without_ray(tiny_run, tmp_path):
-    """The run again, in this process without Ray (what sweeps, resumes' references and
+    """The run again with ``--in-process`` (no Ray: what sweeps, resumes' references and
     most tests use): the same clients are picked and the adapter is byte-identical."""
     out = tmp_path / "again"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        simulate_here("tiny", out, *TINY[:-1])
-    finally:
-        torch.set_num_threads(threads)
+    result = run_cli(
+        "simulate", "tiny", "--out", str(out), "--in-process", *TINY, env={"OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     first = (tiny_run / "adapter" / "adapter_model.safetensors").read_bytes()
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == first
 

@@ -126,10 +126,8 @@ def main() -> None:
             ),
         ),
     ]
-    flag = " --in-process" if args.in_process else ""
-    print(
-        f"Command: `python benchmarks/overhead.py {args.scenario}{flag} {' '.join(overrides)}`".strip()
-    )
+    command = ["python benchmarks/overhead.py", args.scenario, *sys.argv[2:]]
+    print(f"Command: `{' '.join(command)}`")
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}"

@@ -126,7 +126,7 @@ def main() -> None:
             ),
         ),
     ]
-    command = ["python benchmarks/overhead.py", args.scenario, *sys.argv[2:]]
+    command = ["python benchmarks/overhead.py", *sys.argv[1:]]
     print(f"Command: `{' '.join(command)}`")
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python "

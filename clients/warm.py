@@ -45,11 +45,20 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 
-from fedtune.protocol import METRICS_KEY, MODEL_LOADS_KEY, SECAGG_ACTION, WARM_WORKER_KEY
+from fedtune.protocol import (
+    ERROR_REPLY_CODE,
+    INFO_KEY,
+    METRICS_KEY,
+    MODEL_LOADS_KEY,
+    SECAGG_ACTION,
+    WARM_ACTION,
+    WARM_SECONDS_KEY,
+    WARM_WORKER_KEY,
+)
 
 START_TIMEOUT_S = 180.0
 IDLE_EXIT_S = 3600.0
@@ -104,6 +113,26 @@ def forward(message: Message, context: Context) -> Message:
 app.train()(forward)  # the message types fedtune's ClientApp answers
 app.query()(forward)
 app.query(SECAGG_ACTION)(forward)
+
+
+@app.query(WARM_ACTION)
+def warm(message: Message, context: Context) -> Message:
+    """``fedtune serve``'s warm-up before round 1: start this node's worker and have it
+    load the model now, while the server evaluates the initial adapter. A node without
+    a worker (``warm-worker=false``) has nothing to keep loaded and answers at once; a
+    worker that cannot start is an error reply (the server logs it; round 1 goes on and
+    the node's first message tries again)."""
+    if not _wanted(context):
+        return Message(
+            RecordDict({INFO_KEY: ConfigRecord({WARM_SECONDS_KEY: 0.0})}), reply_to=message
+        )
+    try:
+        reply, state = _ask(socket_path(_parent()), message, context, start=True)
+    except WorkerUnavailable as exc:
+        log(WARNING, "fedtune warm worker: %s; nothing warmed", exc)
+        return Message(Error(ERROR_REPLY_CODE, f"warm worker: {exc}"), reply_to=message)
+    context.state = state
+    return reply
 
 
 class WorkerUnavailable(RuntimeError):

@@ -6,8 +6,9 @@ module-level ``app``, which reads from the run config (``[tool.flwr.app.config]`
 ``scenario`` (a shipped name or a TOML path), ``overrides`` (``section.key=value``
 separated by spaces), ``out`` (the run folder), ``nodes`` (SuperNodes to wait for;
 0 = one per training client) and ``resume`` (continue the run in ``out``);
-``fedtune serve`` adds ``locked`` (it holds the run folder's lock itself) and
-``secrets`` (a 0600 file with the secrets ``scenario.toml`` holds redacted). Started
+``fedtune serve`` adds ``locked`` (it holds the run folder's lock itself),
+``secrets`` (a 0600 file with the secrets ``scenario.toml`` holds redacted) and ``warm``
+(its nodes run ``fedtune.clients.warm:app``: each is sent a warm-up before round 1). Started
 by ``flwr run`` directly, the ServerApp takes the run folder's lock for the run.
 
 With ``[gateway] enabled = true`` the ServerApp also hosts the device gateway
@@ -99,7 +100,9 @@ def make_server_app(
         # run` alone, the ServerApp holds it (and refuses a busy or finished folder).
         lock = None if bool(cfg.get("locked", False)) else lock_run_dir(out, new=not resuming)
         try:
-            _deployed(grid, resolved, out, observer, int(cfg.get("nodes", 0)), resuming)
+            nodes = int(cfg.get("nodes", 0))
+            warm = bool(cfg.get("warm", False))
+            _deployed(grid, resolved, out, observer, nodes, resuming, warm)
         finally:
             if lock is not None:
                 lock.release()
@@ -114,8 +117,10 @@ def _deployed(
     observer: Observer | None,
     nodes_expected: int,
     resume: bool,
+    warm: bool,
 ) -> None:
-    """The ServerApp's run under deployment, once the run folder is locked."""
+    """The ServerApp's run under deployment, once the run folder is locked. ``warm``:
+    the nodes run ``fedtune.clients.warm:app``: send each a warm-up after discovery."""
     checkpoint = None
     if resume:
         resolved, checkpoint = resume_point(out, resolved, locked=True)
@@ -128,6 +133,7 @@ def _deployed(
             observer,
             expected_nodes=nodes_expected or None,
             resume=checkpoint,
+            warm_nodes=warm,
         )
 
 

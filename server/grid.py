@@ -211,13 +211,18 @@ class DeviceGrid(WrappedGrid):
         info = self.nodes.get(node_id)
         return info.client_index if info is not None else self.clients[node_id]
 
+    def is_phone(self, node_id: int) -> bool:
+        """Whether the node is a phone of the device gateway (not a Flower node)."""
+        inner = self._grid
+        return isinstance(inner, GatewayGrid) and inner.gateway.owns_node(node_id)
+
     def measured_transfer(self, node_id: int) -> tuple[int, int] | None:
         """(bytes down, bytes up) a phone moved for the last message sent to it, as the
         device gateway counted them; None for a Flower node (its records are measured)."""
-        inner = self._grid
         message_id = self.message_ids.get(node_id)
-        if isinstance(inner, GatewayGrid) and message_id and inner.gateway.owns_node(node_id):
-            return inner.gateway.transfer(message_id)
+        if message_id and self.is_phone(node_id):
+            assert isinstance(self._grid, GatewayGrid)
+            return self._grid.gateway.transfer(message_id)
         return None
 
     def discover(self, expected: int, population: int, timeout: float) -> dict[int, NodeInfo]:
@@ -417,14 +422,16 @@ class DeviceGrid(WrappedGrid):
         on_reply: Callable[[Message], None] | None = None,
     ) -> tuple[dict[str, Message], dict[int, float]]:
         """Replies to the messages ``ids`` (already sent) that arrive within ``timeout``
-        seconds, by message id, and the seconds from now to each by source node.
-        Replies to anything else, and duplicates, are ignored (logged)."""
+        seconds (at least those there at once), by message id, and the seconds from now to
+        each by source node. Replies to anything else, and duplicates, are ignored (logged)."""
         pending = set(ids)
         arrival: dict[int, float] = {}
         started = time.monotonic()
         replies: dict[str, Message] = {}
         deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
+        looked = False
+        while pending and (not looked or time.monotonic() < deadline):
+            looked = True
             for key, reply in replies_of(self._grid, list(pending)):
                 if key not in pending:
                     log(
@@ -440,7 +447,7 @@ class DeviceGrid(WrappedGrid):
                 arrival[reply.metadata.src_node_id] = time.monotonic() - started
                 if on_reply is not None:
                     on_reply(reply)
-            if pending:
+            if pending and time.monotonic() < deadline:
                 time.sleep(POLL_SECONDS)
         return replies, arrival
 

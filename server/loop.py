@@ -199,6 +199,7 @@ def run_federation(
     resume: Checkpoint | None = None,
     known_nodes: Mapping[int, int] | None = None,
     warming: Sequence[str] = (),
+    warm_nodes: bool = False,
 ) -> dict[str, Any]:
     """Run every round of ``scenario`` on ``grid``; write the run folder; return the summary.
 
@@ -207,7 +208,11 @@ def run_federation(
     ``known_nodes`` (node -> client index) are nodes the server need not ask which
     client they are: the simulation engine's own (see :class:`DeviceGrid`).
     ``warming``: ids of :func:`warm_up` queries already sent, whose replies round 1
-    waits for once the initial adapter is evaluated.
+    waits for once the initial adapter is evaluated. ``warm_nodes`` (``fedtune serve``):
+    send the warm-up to every discovered SuperNode (not phones: they have nothing on
+    the server side to warm) as discovery ends, and record which answered by round 1
+    without waiting for the rest: a SuperNode takes one message at a time, so its round-1
+    message runs once its warm-up is done, and a node that died must not delay round 1.
     """
     observer = observer if observer is not None else Silent()
     started = time.perf_counter()
@@ -234,6 +239,11 @@ def run_federation(
         timeout=DISCOVERY_TIMEOUT_S,
     )
     check_discovered(len(found), scenario.round.clients_per_round)
+    warm_timeout = WARM_UP_TIMEOUT_S
+    if warm_nodes:  # each SuperNode's worker loads the model while the server evaluates
+        flower = [n for n in found if not fed.grid.is_phone(n)]
+        warming = [*warming, *send_warm_up(fed.grid, scenario, flower)]
+        warm_timeout = 0.0
 
     def evaluate(adapter: AdapterState) -> float:
         load_adapter_state(model, adapter)
@@ -266,7 +276,7 @@ def run_federation(
         else:
             fed.fleet.footprints = state.footprints
     fed.seeds.held = state.seed_versions
-    warmed = await_warm_up(fed.grid, list(warming))
+    warmed = await_warm_up(fed.grid, list(warming), warm_timeout)
     if warmed is not None:
         events.write("warm_up", **warmed)
     observer.run_started(scenario, state.initial_perplexity)
@@ -395,6 +405,12 @@ def warm_up(grid: Grid, scenario: Scenario, workers: int) -> list[str]:
     deadline = time.monotonic() + DISCOVERY_TIMEOUT_S
     while not (nodes := sorted(grid.get_node_ids())) and time.monotonic() < deadline:
         time.sleep(POLL_SECONDS)
+    return send_warm_up(grid, scenario, nodes[:workers])
+
+
+def send_warm_up(grid: Grid, scenario: Scenario, nodes: Sequence[int]) -> list[str]:
+    """One warm-up query (:data:`~fedtune.protocol.WARM_ACTION`) to each of ``nodes``:
+    load what this scenario's train messages need; the messages' ids."""
     config = TrainInstructions(round=0, spec=client_spec(scenario)).to_config()
     messages = [
         Message(
@@ -402,7 +418,7 @@ def warm_up(grid: Grid, scenario: Scenario, workers: int) -> list[str]:
             dst_node_id=node,
             message_type=f"{MessageType.QUERY}.{WARM_ACTION}",
         )
-        for node in nodes[:workers]
+        for node in nodes
     ]
     return list(grid.push_messages(messages)) if messages else []
 
@@ -410,10 +426,11 @@ def warm_up(grid: Grid, scenario: Scenario, workers: int) -> list[str]:
 def await_warm_up(
     grid: DeviceGrid, ids: list[str], timeout: float = WARM_UP_TIMEOUT_S
 ) -> dict[str, Any] | None:
-    """Wait (up to ``timeout``) for the replies to :func:`warm_up`'s queries; return the
-    ``warm_up`` event's fields (None when none was sent). A failed or missing reply is
-    logged and costs nothing else: that worker loads at its first train message, as it
-    would without a warm-up. The load time a worker reports is recorded, not trusted."""
+    """Wait (up to ``timeout``; 0: take the replies already there) for the replies to
+    :func:`warm_up`'s queries; return the ``warm_up`` event's fields (None when none was
+    sent). A failed or missing reply is logged and costs nothing else: that worker loads
+    at its first train message, as it would without a warm-up. The load time a worker
+    reports is recorded, not trusted."""
     if not ids:
         return None
     started = time.monotonic()
@@ -431,7 +448,9 @@ def await_warm_up(
         if isinstance(seconds, float) and 0 <= seconds < 1e6:
             loads.append(seconds)
     missing = len(ids) - len(replies)
-    if missing:
+    if missing and timeout <= 0:
+        log(INFO, "%d of %d node(s) still warming; their round-1 messages wait", missing, len(ids))
+    elif missing:
         log(WARNING, "%d worker(s) not warm after %.0f s; round 1 goes on", missing, timeout)
     else:
         log(INFO, "%d worker(s) warm (waited %.1f s for them)", len(ids), waited)

@@ -58,6 +58,7 @@ nodes = 0
 resume = false
 locked = false
 secrets = ""
+warm = true
 """
 
 

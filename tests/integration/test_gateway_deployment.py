@@ -124,6 +124,9 @@ def test_supernode_and_three_phones_complete_two_rounds(tmp_path, settings):
     assert summary["rounds_completed"] == 2
     rounds = [e for e in read_events(run_dir / "metrics.jsonl", "round") if e["round"] > 0]
     assert [r["participants"] for r in rounds] == [4, 4]
+    # The SuperNode was sent the warm-up before round 1; the phones were not.
+    (warm,) = read_events(run_dir / "metrics.jsonl", "warm_up")
+    assert (warm["workers"], warm["failed"]) == (1, 0)
     updates = list(read_events(run_dir / "metrics.jsonl", "client_update"))
     for rnd in (1, 2):
         ok = sorted(u["client"] for u in updates if u["round"] == rnd and u["status"] == "ok")

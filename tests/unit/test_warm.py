@@ -13,7 +13,14 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedtune.config import client_spec, load_scenario
-from fedtune.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY
+from fedtune.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    INFO_KEY,
+    METRICS_KEY,
+    WARM_ACTION,
+    WARM_SECONDS_KEY,
+)
 from fedtune.wire import to_record
 
 from .node_grid import task_identity
@@ -80,3 +87,32 @@ def test_a_node_can_turn_the_worker_off(workers):
     reply = metrics(app(*train(1, {"warm-worker": "false"})))
     assert reply["warm-worker"] == 0 and reply["process-model-loads"] >= 1
     assert not list(workers.glob("*.sock"))  # no worker was started
+
+
+def warm_query(node_config: dict | None = None) -> tuple[Message, Context]:
+    scenario = load_scenario("tiny", ["client.local_steps=1", "client.batch_size=1"])
+    message = Message(
+        RecordDict({CONFIG_KEY: ConfigRecord({**client_spec(scenario), "round": 0})}),
+        dst_node_id=5,
+        message_type=f"{MessageType.QUERY}.{WARM_ACTION}",
+    )
+    return message, Context(1, 5, {"partition-id": 0, **(node_config or {})}, RecordDict(), {})
+
+
+def test_the_warm_up_starts_the_worker_and_loads_the_model_before_round_1(workers):
+    from fedtune.clients.warm import app
+
+    reply = app(*warm_query())
+    assert not reply.has_error(), reply.error
+    assert reply.content.config_records[INFO_KEY][WARM_SECONDS_KEY] > 0
+    assert len(list(workers.glob("*.sock"))) == 1  # the worker listens
+    first = metrics(app(*train(1)))
+    assert (first["warm-worker"], first["process-model-loads"]) == (1, 1)  # no second load
+
+
+def test_a_node_without_a_worker_answers_the_warm_up_at_once(workers):
+    from fedtune.clients.warm import app
+
+    reply = app(*warm_query({"warm-worker": "false"}))
+    assert reply.content.config_records[INFO_KEY][WARM_SECONDS_KEY] == 0.0
+    assert not list(workers.glob("*.sock"))  # nothing started, nothing loaded

@@ -82,3 +82,26 @@ def test_no_warm_up_is_sent_unless_asked(tmp_path):
         run_federation(grid, scenario(), tmp_path, expected_nodes=4)
     assert all(m.metadata.message_type != WARM for m in grid.delivered)
     assert all(e["event"] != "warm_up" for e in events(tmp_path))
+
+
+def test_deployed_nodes_are_warmed_after_discovery_without_waiting(tmp_path):
+    """``fedtune serve``'s warm-up (``warm_nodes``): every discovered node is sent one as
+    discovery ends, before any train message; replies already there are recorded."""
+    grid = InProcessGrid({100 + i: i for i in range(4)})
+    _model.cache_clear()
+    with task_identity():
+        run_federation(grid, scenario(), tmp_path, expected_nodes=4, warm_nodes=True)
+
+    kinds = [(m.metadata.message_type, m.metadata.dst_node_id) for m in grid.delivered]
+    first_train = next(i for i, (kind, _) in enumerate(kinds) if kind == "train")
+    assert sorted(node for kind, node in kinds[:first_train] if kind == WARM) == [
+        100,
+        101,
+        102,
+        103,
+    ]
+    assert all(kind != WARM for kind, _ in kinds[first_train:])
+    assert _model.cache_info().misses == 1  # loaded by the warm-up, used by round 1
+    (warm,) = [e for e in events(tmp_path) if e["event"] == "warm_up"]
+    # The in-process grid answers as it is pushed: all four were there by round 1.
+    assert (warm["workers"], warm["ready"], warm["failed"]) == (4, 4, 0)

@@ -44,6 +44,9 @@ class Federation:
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_HOME": str(folder / "flwr-home"),
+            # Each SuperNode's SuperExec looks for a message to run every 0.1 s, not
+            # every second (docs/deploy.md, "Warm ClientApps").
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
             **(env or {}),
         }
         self.superlink = self._start(

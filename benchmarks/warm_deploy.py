@@ -128,6 +128,12 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--flowertune", action="store_true", help="also the FlowerTune-style app")
     parser.add_argument("--only", choices=["flowertune"], help="check one mode, no table")
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="run the modes last to first (FlowerTune-style, per-message, warm): a machine "
+        "that drifts slower over the run then disadvantages warm fedtune instead",
+    )
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (rounds 2+ are where a worker is warm)")
@@ -135,12 +141,14 @@ def main() -> None:
     if args.only:
         print(json.dumps(run(args.only, args.scenario, args.rounds, args.set, folder / args.only)))
         return
-    warm = run("warm", args.scenario, args.rounds, args.set, folder / "warm")
-    cold = run("per-message", args.scenario, args.rounds, args.set, folder / "cold")
-    tune = None
+    modes = {"warm": "warm", "per-message": "cold"}
     if args.flowertune:
-        tune = run("flowertune", args.scenario, args.rounds, args.set, folder / "flowertune")
+        modes["flowertune"] = "flowertune"
+    order = list(reversed(modes)) if args.reverse else list(modes)
+    runs = {m: run(m, args.scenario, args.rounds, args.set, folder / modes[m]) for m in order}
+    warm, cold, tune = runs["warm"], runs["per-message"], runs.get("flowertune")
     print(f"Machine: {platform.machine()}, {platform.python_version()}, {time.strftime('%F')}")
+    print(f"Modes in the order run: {', '.join(order)}")
     print(
         "| round | reply s, per-message | reply s, warm | ratio | round wall, per-message "
         "| round wall, warm | ratio |"

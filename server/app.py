@@ -6,10 +6,10 @@ module-level ``app``, which reads from the run config (``[tool.flwr.app.config]`
 ``scenario`` (a shipped name or a TOML path), ``overrides`` (``section.key=value``
 separated by spaces), ``out`` (the run folder), ``nodes`` (SuperNodes to wait for;
 0 = one per training client) and ``resume`` (continue the run in ``out``);
-``fedtune serve`` adds ``locked`` (it holds the run folder's lock itself),
-``secrets`` (a 0600 file with the secrets ``scenario.toml`` holds redacted) and ``warm``
-(its nodes run ``fedtune.clients.warm:app``: each is sent a warm-up before round 1). Started
-by ``flwr run`` directly, the ServerApp takes the run folder's lock for the run.
+``fedtune serve`` adds ``locked`` (it holds the run folder's lock itself), ``secrets``
+(a 0600 file with the secrets ``scenario.toml`` holds redacted) and ``warm`` (its nodes
+run ``fedtune.clients.warm:app``: each is sent a warm-up before round 1). Started by
+``flwr run`` directly, the ServerApp takes the run folder's lock for the run.
 
 With ``[gateway] enabled = true`` the ServerApp also hosts the device gateway
 (:mod:`fedtune.server.gateway`) for the whole run: enrolled phones are nodes too.

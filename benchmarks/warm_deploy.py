@@ -110,9 +110,12 @@ def flowertune_run(
     from fedtune.server.serve import APP_PYPROJECT, _flwr, write_flower_files
 
     app_dir, home = write_flower_files(folder / "flowertune-app", superlink, None)
-    (app_dir / "pyproject.toml").write_text(
-        APP_PYPROJECT.replace("fedtune.clients.warm:app", "flowertune_app:app")
-    )
+    # Its ClientApp answers train messages only: no warm-up (`warm`) is sent to it.
+    pyproject = APP_PYPROJECT.replace("fedtune.clients.warm:app", "flowertune_app:app")
+    pyproject = pyproject.replace("warm = true", "warm = false")
+    if "flowertune_app:app" not in pyproject or "warm = false" not in pyproject:
+        raise SystemExit("fedtune serve's app pyproject changed: update flowertune_run")
+    (app_dir / "pyproject.toml").write_text(pyproject)
     shutil.copy(Path(__file__).with_name("flowertune_app.py"), app_dir / "flowertune_app.py")
     env["FLWR_HOME"] = str(home)
     config = (

@@ -84,7 +84,7 @@ def test_no_warm_up_is_sent_unless_asked(tmp_path):
     assert all(e["event"] != "warm_up" for e in events(tmp_path))
 
 
-def test_deployed_nodes_are_warmed_after_discovery_without_waiting(tmp_path):
+def test_deployed_nodes_are_warmed_as_discovery_ends(tmp_path):
     """``fedtune serve``'s warm-up (``warm_nodes``): every discovered node is sent one as
     discovery ends, before any train message; replies already there are recorded."""
     grid = InProcessGrid({100 + i: i for i in range(4)})

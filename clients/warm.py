@@ -100,13 +100,16 @@ def forward(message: Message, context: Context) -> Message:
     """Run ``message`` in this node's worker; here when there is none (reason logged)."""
     if not _wanted(context):
         return _here(message, context)
-    path = socket_path(_parent())
     try:
-        reply, state = _ask(path, message, context, start=True)
+        return _in_worker(message, context)
     except WorkerUnavailable as exc:
         log(WARNING, "fedtune warm worker: %s; this message runs in the ClientApp process", exc)
         return _here(message, context)
-    context.state = state
+
+
+def _in_worker(message: Message, context: Context) -> Message:
+    """The reply of this node's worker (started if absent), its Context state kept."""
+    reply, context.state = _ask(socket_path(_parent()), message, context, start=True)
     return reply
 
 
@@ -127,12 +130,10 @@ def warm(message: Message, context: Context) -> Message:
             RecordDict({INFO_KEY: ConfigRecord({WARM_SECONDS_KEY: 0.0})}), reply_to=message
         )
     try:
-        reply, state = _ask(socket_path(_parent()), message, context, start=True)
+        return _in_worker(message, context)
     except WorkerUnavailable as exc:
         log(WARNING, "fedtune warm worker: %s; nothing warmed", exc)
         return Message(Error(ERROR_REPLY_CODE, f"warm worker: {exc}"), reply_to=message)
-    context.state = state
-    return reply
 
 
 class WorkerUnavailable(RuntimeError):

@@ -239,11 +239,9 @@ def run_federation(
         timeout=DISCOVERY_TIMEOUT_S,
     )
     check_discovered(len(found), scenario.round.clients_per_round)
-    warm_timeout = WARM_UP_TIMEOUT_S
     if warm_nodes:  # each SuperNode's worker loads the model while the server evaluates
         flower = [n for n in found if not fed.grid.is_phone(n)]
         warming = [*warming, *send_warm_up(fed.grid, scenario, flower)]
-        warm_timeout = 0.0
 
     def evaluate(adapter: AdapterState) -> float:
         load_adapter_state(model, adapter)
@@ -276,7 +274,8 @@ def run_federation(
         else:
             fed.fleet.footprints = state.footprints
     fed.seeds.held = state.seed_versions
-    warmed = await_warm_up(fed.grid, list(warming), warm_timeout)
+    # Deployed nodes are not waited for (the replies already there are recorded).
+    warmed = await_warm_up(fed.grid, list(warming), 0.0 if warm_nodes else WARM_UP_TIMEOUT_S)
     if warmed is not None:
         events.write("warm_up", **warmed)
     observer.run_started(scenario, state.initial_perplexity)

@@ -7,7 +7,8 @@ message, as Flower runs it: torch imported and the model loaded every round). Re
 per round the clients' reply time (server's send to reply, mean of the 3) and the round's
 wall time, the ratio per-message / warm, and the model loads per node.
 
-    .venv/bin/python benchmarks/warm_deploy.py [SCENARIO] [--rounds 5] [--set k=v ...]
+    .venv/bin/python benchmarks/warm_deploy.py [SCENARIO] [--rounds 5] [--flowertune]
+        [--reverse] [--set k=v ...]
 """
 
 from __future__ import annotations

@@ -51,8 +51,6 @@ VARIANTS = [
     ("training, int8 weights, phone session", "int4", "backprop", PHONE),
     ("  lever off: memory reuse on", "int4", "backprop", {"memory_reuse": True}),
     ("  lever off: no per-layer recomputation", "int4", "backprop", {"graph": "no-layers"}),
-    ("  lever off: backward not gated on the loss", "int4", "backprop", {"graph": "ungated"}),
-    ("  lever off: forward's dequantized weights kept", "int4", "backprop", {"graph": "weights"}),
     ("  lever off: arena on", "int4", "backprop", {"arena": True}),
     ("  lever off: memory pattern on", "int4", "backprop", {"memory_pattern": True}),
     ("  lever off: graph optimizations on", "int4", "backprop", {"optimize_training": True}),
@@ -72,35 +70,22 @@ VARIANTS = [
 
 def training_graph_variant(source: Path, kind: str, out: Path) -> Path:
     """``source`` (a built training model) with one lever undone, saved as ``out``:
-    ``no-layers`` recomputes only dequantizations and loss slices, ``ungated`` lets the
-    backward start before the forward loss, ``weights`` makes the backward read the
-    forward's dequantized weights (issue 14's format 3 did, by mistake)."""
+    ``no-layers`` recomputes only dequantizations and loss slices (as the build did:
+    the same weights' re-dequantization and gate, if any)."""
     import onnx
 
-    from fedtune.ondevice.artifacts import recompute_in_backward
+    from fedtune.ondevice.artifacts import backward_after_loss, recompute_in_backward
 
     graph = onnx.load(str(source))
     nodes = list(graph.graph.node)
     gate = "loss_grad_after_loss"
+    gated = any(n.name.startswith(gate) for n in nodes)
+    weights = any(n.op_type == "DequantizeLinear" and n.name.endswith("_recompute") for n in nodes)
     if kind == "no-layers":  # back to generate_artifacts' graph, then the rewrite without layers
         clones = {o for n in nodes if n.name.endswith("_recompute") for o in n.output}
         nodes = [n for n in nodes if not n.name.endswith("_recompute")]
         nodes = [n for n in nodes if not n.name.startswith(gate)]
         rename = {o: o.removesuffix("_recompute") for o in clones} | {gate: "loss_grad"}
-    elif kind == "ungated":
-        nodes = [n for n in nodes if not n.name.startswith(gate)]
-        rename = {gate: "loss_grad"}
-    elif kind == "weights":
-        inputs = {i.name for i in graph.graph.input}
-        again = [
-            n
-            for n in nodes
-            if n.op_type == "DequantizeLinear"
-            and n.name.endswith("_recompute")
-            and n.input[0] in inputs
-        ]
-        rename = {n.output[0]: n.output[0].removesuffix("_recompute") for n in again}
-        nodes = [n for n in nodes if not any(n is a for a in again)]
     else:
         raise ValueError(kind)
     for node in nodes:
@@ -112,7 +97,9 @@ def training_graph_variant(source: Path, kind: str, out: Path) -> Path:
         kept = [t for t in graph.graph.initializer if not t.name.endswith("_recompute")]
         del graph.graph.initializer[:]
         graph.graph.initializer.extend(kept)
-        recompute_in_backward(graph, layers=False)
+        recompute_in_backward(graph, layers=False, weights=weights)
+        if gated:
+            backward_after_loss(graph)
     onnx.save(graph, str(out))
     return out
 

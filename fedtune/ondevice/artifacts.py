@@ -62,13 +62,21 @@ smaller logits but more packed copies of a 4-bit head (~17 MB each for SmolLM2's
 ``MatMulNBits``), and of an fp32 one 113 MB each, so the fp32 graph keeps one."""
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """Bumped whenever the build changes what it writes (part of the cache key).
 2: chunked loss in both graphs, recomputation in the training graph, ``int4``.
 3: ``int4``'s inference graph keeps the LM head in int8 (vocabulary chunks).
 5: the int8 training graph too (head in vocabulary blocks), its backward
 re-dequantizes the decoder's weights (graph inputs there) and starts after the
-forward loss."""
+forward loss.
+6: format 5's training graph only for a head above :data:`TRAINING_HEAD_BLOCKS_MB`;
+a smaller head gets format 3's (SmolLM2-135M: same peak, 0.8x the CPU a step)."""
+TRAINING_HEAD_BLOCKS_MB = 256.0
+"""The int8 training graph keeps the LM head in int8 vocabulary blocks
+(:func:`quantize_head_int8`) only when the head's fp32 copy would be larger than this
+(Gemma-3-270M's: 671 MB); a smaller head is dequantized whole, once a pass (SmolLM2-135M's:
+113 MB, not at the step's peak: 635 vs 633 MiB). Blocks are dequantized again for every
+loss slice: with them SmolLM2's int8 step took 1.2x the CPU (benchmarks/RESULTS.md)."""
 INT8_MODES = ("none", "weights", "dynamic", "int4")
 """Values of ``int8`` (``gateway.artifact_int8``): how the frozen weights are stored."""
 NO_TRAINING_GRADIENT = (
@@ -119,7 +127,12 @@ def sha256_file(path: Path) -> str:
 
 
 def cache_key(
-    model_name: str, num_layers: int, lora: LoraConfig, weight_decay: float, int8: str = "none"
+    model_name: str,
+    num_layers: int,
+    lora: LoraConfig,
+    weight_decay: float,
+    int8: str = "none",
+    head_blocks: bool | None = None,
 ) -> str:
     """A hash of everything the build depends on (model identity, LoRA, int8, versions)."""
     import onnxruntime
@@ -137,6 +150,8 @@ def cache_key(
     }
     if int8 != "none":  # fp32 builds keep the keys they had before int8 existed
         identity["int8"] = int8
+    if head_blocks is not None:  # as for int8: the default's keys stay as they were
+        identity["head_blocks"] = head_blocks
     folder = Path(model_name).expanduser()
     if folder.is_dir():  # a local model folder: its files' sizes and times identify it
         identity["files"] = sorted(
@@ -163,21 +178,26 @@ def build_artifacts(
     cache: Path | None = None,
     int8: str = "none",
     trust_remote_code: bool = False,
+    head_blocks: bool | None = None,
 ) -> ArtifactSet:
     """Build (or find in the cache) the artifact set of a model and LoRA configuration.
 
     ``int8`` is one of :data:`INT8_MODES` (see the module docstring); with ``"dynamic"``
     the set holds no training artifacts. ``trust_remote_code`` is the run's
-    ``model.trust_remote_code``: a folder with its own model code loads only with it."""
+    ``model.trust_remote_code``: a folder with its own model code loads only with it.
+    ``head_blocks`` decides whether an int8 training graph keeps the LM head in
+    vocabulary blocks (default: by size, :data:`TRAINING_HEAD_BLOCKS_MB`)."""
     from fedtune.models.base import _convert_once, cache_dir
 
     if int8 not in INT8_MODES:
         raise ValueError(f"int8 must be one of {INT8_MODES}, got {int8!r}")
     root = Path(cache) if cache is not None else cache_dir() / "artifacts"
-    folder = root / cache_key(model_name, num_layers, lora, weight_decay, int8)
+    folder = root / cache_key(model_name, num_layers, lora, weight_decay, int8, head_blocks)
 
     def write(tmp: Path) -> None:
-        _export_all(model_name, num_layers, lora, weight_decay, tmp, int8, trust_remote_code)
+        _export_all(
+            model_name, num_layers, lora, weight_decay, tmp, int8, trust_remote_code, head_blocks
+        )
 
     _convert_once(folder, write)
     return load_artifacts(folder)
@@ -204,6 +224,7 @@ def _export_all(
     out: Path,
     int8: str,
     trust_remote_code: bool = False,
+    head_blocks: bool | None = None,
 ) -> None:
     import time
 
@@ -224,7 +245,7 @@ def _export_all(
     if int8 != "dynamic":
         started = time.perf_counter()
         quantized = int8 in ("weights", "int4")  # no gradient for MatMulNBits: int8 there
-        _export_training(model, graph_names, weight_decay, example, out, quantized)
+        _export_training(model, graph_names, weight_decay, example, out, quantized, head_blocks)
         seconds["training"] = round(time.perf_counter() - started, 2)
         files.update(TRAINING_FILES)
     started = time.perf_counter()
@@ -334,6 +355,7 @@ def _export_training(
     example: Any,
     out: Path,
     int8: bool = False,
+    head_blocks: bool | None = None,
 ) -> None:
     import onnx
     import torch
@@ -363,7 +385,12 @@ def _export_training(
     if missing:
         raise RuntimeError(f"LoRA weights lost in the ONNX export: {missing[:3]}")
     if int8:
-        quantize_head_int8(exported)  # before the rest: it reads the fp32 head
+        if head_blocks is None:
+            head = model.get_output_embeddings()
+            head_mb = head.weight.numel() * 4 / 1e6 if head is not None else 0.0
+            head_blocks = head_mb > TRAINING_HEAD_BLOCKS_MB
+        if head_blocks:
+            quantize_head_int8(exported)  # before the rest: it reads the fp32 head
         quantize_frozen_weights(exported)
         quantize_embedding_rows(exported)
         initializers = {i.name for i in exported.graph.initializer}
@@ -379,7 +406,14 @@ def _export_training(
     )
     onnx_path.unlink()
     training = onnx.load(str(out / TRAINING_FILES["training_model"]))
-    recompute_in_backward(training)
+    # Format 5's two other rewrites go with the head's blocks: with a whole head,
+    # re-running the weights' dequantizations in the backward dequantizes and transposes
+    # it a second time, and gating the backward on the loss keeps it longer (SmolLM2-135M
+    # int8 peaks: 752 and 754 MiB against 635 without either, benchmarks/RESULTS.md).
+    blocks = bool(int8 and head_blocks)
+    recompute_in_backward(training, weights=blocks)
+    if blocks:
+        backward_after_loss(training)
     onnx.save(training, str(out / TRAINING_FILES["training_model"]))
 
 
@@ -748,7 +782,7 @@ LOGITS_OPS = ("Cast", "MatMul", "Concat", "ConcatTraining")
 block, ``Concat``ed, with an int8 head) and a ``Cast``; recomputed with the loss."""
 
 
-def recompute_in_backward(graph: Any, layers: bool = True) -> int:
+def recompute_in_backward(graph: Any, layers: bool = True, weights: bool = True) -> int:
     """Let the backward pass recompute what the forward pass would otherwise keep.
 
     ``generate_artifacts`` wires every backward node to the forward tensors it needs,
@@ -756,7 +790,11 @@ def recompute_in_backward(graph: Any, layers: bool = True) -> int:
     instead:
 
     - a frozen weight dequantized from int8 (``DequantizeLinear``, perhaps
-      ``Transpose``d: an fp32 copy of the weight, per layer);
+      ``Transpose``d: an fp32 copy of the weight, per layer); with ``weights`` false,
+      only from initializers: a weight that is a graph input (every weight of the
+      training model: the checkpoint feeds them) is then read from the forward's
+      ``DequantizeLinear``, of which ONNX Runtime gives each reader its own copy
+      (``*/duplicated`` in its profile), so it does not outlive its forward use either;
     - a loss slice's log-softmax (``SoftmaxCrossEntropyLoss`` over ``MatMul(hidden
       slice, head)``: the vocabulary's logits);
     - with ``layers``, every tensor computed inside a decoder layer (nodes named
@@ -782,10 +820,10 @@ def recompute_in_backward(graph: Any, layers: bool = True) -> int:
     inits = {t.name: t for t in graph.graph.initializer}
     # Tensors computed from the weights alone. ``generate_artifacts`` makes every
     # parameter (the int8 weights and their scales too) a graph *input* fed from the
-    # checkpoint: those count, the data inputs do not.
-    constant: set[str] = set(inits) | {
-        i.name for i in graph.graph.input if i.name not in DATA_INPUTS
-    }
+    # checkpoint: with ``weights`` those count, the data inputs never do.
+    constant: set[str] = set(inits)
+    if weights:
+        constant |= {i.name for i in graph.graph.input if i.name not in DATA_INPUTS}
 
     backward_ids: set[int] = set()
     gradients: set[str] = set()
@@ -887,11 +925,10 @@ def recompute_in_backward(graph: Any, layers: bool = True) -> int:
         ordered.append(node)
     del graph.graph.node[:]
     graph.graph.node.extend(ordered)
-    _backward_after_loss(graph)
     return sum(len(v) for v in added.values())
 
 
-def _backward_after_loss(graph: Any) -> None:
+def backward_after_loss(graph: Any) -> None:
     """Make the backward pass start after the forward loss (in place).
 
     The backward is seeded by the constant ``loss_grad``, so nothing in it waits for
@@ -899,7 +936,8 @@ def _backward_after_loss(graph: Any) -> None:
     loss slice's forward logits then lived through the whole backward (all of them
     at once, the full vocabulary's logits). The seed is multiplied by
     ``Cast(Size(loss))`` (exactly 1, a scalar's size): a data dependency that costs
-    nothing."""
+    nothing. Measured with memory reuse on; :func:`_export_training` gates only a graph
+    whose head is in vocabulary blocks (with a whole head the gate raised the peak)."""
     from onnx import TensorProto, helper
 
     seed = "loss_grad"

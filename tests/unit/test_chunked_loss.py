@@ -69,9 +69,10 @@ def test_a_training_step_keeps_no_full_logits_tensor(model):
     assert chunked == 0
 
 
-def test_the_training_graph_recomputes_logits_and_weights_for_backward():
+def test_the_training_graph_recomputes_logits_and_layers_for_backward():
     """ORT training artifacts: the backward reads recomputed log-probs (one slice at a
-    time) and re-dequantizes int8 weights, instead of keeping the forward's copies."""
+    time) and recomputed layer activations instead of keeping the forward's, and each
+    frozen weight is dequantized once (ORT gives each reader its own copy of the node)."""
     artifacts = build_artifacts("tiny-llama", 0, LORA, int8="weights")
     graph = onnx.load(str(artifacts.file("training_model").path)).graph
     producer = {o: n for n in graph.node for o in n.output}
@@ -83,23 +84,12 @@ def test_the_training_graph_recomputes_logits_and_weights_for_backward():
     for grad in grads:
         assert producer[grad.input[1]].name.endswith("_recompute"), grad.name
     backward = [n for n in graph.node if "_Grad/" in n.name]
-    # Neither the backward nor its recomputation reads a weight the forward
-    # dequantized (the weights are graph inputs of the training model).
-    for node in backward + [n for n in graph.node if n.name.endswith("_recompute")]:
-        for name in node.input:
-            source = producer.get(name)
-            if source is not None and source.op_type == "DequantizeLinear":
-                assert source.name.endswith("_recompute"), (node.name, name)
-    # The backward starts after the forward loss: the gradient it starts from depends
-    # on the loss output (else ONNX Runtime runs the loss slices last).
-    seeded = [n for n in backward if n.name.startswith("/Div") and "_Grad/" in n.name]
-    ancestors, todo = set(), [i for n in seeded for i in n.input]
-    while todo:
-        name = todo.pop()
-        if name not in ancestors:
-            ancestors.add(name)
-            todo += list(producer[name].input) if name in producer else []
-    assert seeded and graph.output[0].name in ancestors
+    # One dequantization per int8 weight, the head's whole (its fp32 copy is below
+    # TRAINING_HEAD_BLOCKS_MB): the backward re-runs none, so no second fp32 head.
+    dequantized = [n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert dequantized and len(dequantized) == len(set(dequantized))
+    assert not [n for n in dequantized if "_int8_" in n]  # no vocabulary blocks
+    assert not [n for n in graph.node if n.name.startswith("loss_grad_after_loss")]
     # The embedding is read as int8 rows: no Gather reads a dequantized table.
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in dequantized]
@@ -129,6 +119,36 @@ def test_the_training_graph_recomputes_logits_and_weights_for_backward():
         and not producer[i].name.endswith("_recompute")
     }
     assert kept and kept <= reads_across, sorted(kept - reads_across)[:3]
+
+
+def test_a_head_above_the_threshold_is_kept_in_vocabulary_blocks(tmp_path, monkeypatch):
+    """The training graph's head is blocked by its fp32 size: with the threshold below
+    the tiny model's head, its int8 training graph has the blocks, its backward
+    re-dequantizes the weights and starts after the forward loss (format 5's graph)."""
+    from fedtune.ondevice import artifacts as module
+
+    monkeypatch.setattr(module, "TRAINING_HEAD_BLOCKS_MB", 0.0)
+    built = build_artifacts("tiny-llama", 0, LORA, cache=tmp_path, int8="weights")
+    graph = onnx.load(str(built.file("training_model").path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    blocks = [n for n in graph.node if n.op_type == "DequantizeLinear" and "_int8_" in n.input[0]]
+    assert len(blocks) >= 8
+    backward = [n for n in graph.node if "_Grad/" in n.name]
+    # Neither the backward nor its recomputation reads a weight the forward dequantized.
+    for node in backward + [n for n in graph.node if n.name.endswith("_recompute")]:
+        for name in node.input:
+            source = producer.get(name)
+            if source is not None and source.op_type == "DequantizeLinear":
+                assert source.name.endswith("_recompute"), (node.name, name)
+    # The gradient the backward starts from depends on the loss output.
+    seeded = [n for n in backward if n.name.startswith("/Div") and "_Grad/" in n.name]
+    ancestors, todo = set(), [i for n in seeded for i in n.input]
+    while todo:
+        name = todo.pop()
+        if name not in ancestors:
+            ancestors.add(name)
+            todo += list(producer[name].input) if name in producer else []
+    assert seeded and graph.output[0].name in ancestors
 
 
 def test_the_int4_inference_graph_keeps_weights_4bit_and_the_loss():
@@ -200,14 +220,15 @@ def live_tensors_at_peak(profile: Path, graph: onnx.GraphProto) -> tuple[int, di
 
 
 def test_a_training_steps_tensors_never_hold_the_vocabularys_logits(tmp_path):
-    """The int8 training graph on the tiny model, one step with ONNX Runtime's profile:
-    at the step's peak the live tensors are fewer bytes than the full logits, and of
-    what has the vocabulary's size only one token slice's (logits, their log-softmax,
-    its gradient) and one block of the head are there - the full logits and the fp32
-    head never exist, and the forward's dequantized weights are not kept."""
+    """The int8 training graph with the head in vocabulary blocks (a head above
+    TRAINING_HEAD_BLOCKS_MB: Gemma-3-270M's) on the tiny model, one step with ONNX
+    Runtime's profile: at the step's peak the live tensors are fewer bytes than the full
+    logits, and of what has the vocabulary's size only one token slice's (logits, their
+    log-softmax, its gradient) and one block of the head are there - the full logits and
+    the fp32 head never exist, and the forward's dequantized weights are not kept."""
     from fedtune.ondevice.engines import PHONE, onnxruntime
 
-    artifacts = build_artifacts("tiny-llama", 0, LORA, int8="int4")
+    artifacts = build_artifacts("tiny-llama", 0, LORA, int8="int4", head_blocks=True)
     graph = onnx.load(str(artifacts.file("training_model").path)).graph
     capi = onnxruntime().capi._pybind_state
     state = capi.load_checkpoint(str(artifacts.file("checkpoint").path))

@@ -86,9 +86,9 @@ def test_the_training_graph_recomputes_logits_and_layers_for_backward():
     backward = [n for n in graph.node if "_Grad/" in n.name]
     # One dequantization per int8 weight, the head's whole (its fp32 copy is below
     # TRAINING_HEAD_BLOCKS_MB): the backward re-runs none, so no second fp32 head.
-    dequantized = [n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"]
-    assert dequantized and len(dequantized) == len(set(dequantized))
-    assert not [n for n in dequantized if "_int8_" in n]  # no vocabulary blocks
+    int8_read = [n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert int8_read and len(int8_read) == len(set(int8_read))
+    assert not [n for n in int8_read if "_int8_" in n]  # no vocabulary blocks
     assert not [n for n in graph.node if n.name.startswith("loss_grad_after_loss")]
     # The embedding is read as int8 rows: no Gather reads a dequantized table.
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
